@@ -1,0 +1,267 @@
+"""What every algorithm shares: the policy, its tokenizer, optimizer plumbing, validation NLL,
+sampling for ``predict``, and the Hugging Face export. Algorithms subclass this and add a loss."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional
+
+import lightning as L
+import torch
+import torchmetrics
+from transformers import get_scheduler
+
+from lightning_irl.models.spec import ModelSpec
+from lightning_irl.objectives.logprobs import sequence_logprobs, token_logprobs, token_nll_sum
+from lightning_irl.rollout import Rollout, SamplingConfig, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizerSpec:
+    """AdamW with warmup then a decay schedule (a transformers scheduler name).
+
+    Args:
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay (not applied to biases and norms).
+        betas: Adam betas.
+        eps: Adam epsilon.
+        warmup_steps: Linear warmup from 0 over this many optimizer steps.
+        schedule: ``cosine``, ``linear``, ``constant_with_warmup``, ... (transformers get_scheduler).
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+
+
+def build_optimizer(params_module: torch.nn.Module, spec: OptimizerSpec, total_steps: int):
+    decay, no_decay = [], []
+    for name, param in params_module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, betas=tuple(spec.betas),
+                                  eps=spec.eps)
+    scheduler = get_scheduler(spec.schedule, optimizer, num_warmup_steps=spec.warmup_steps,
+                              num_training_steps=max(total_steps, 1))
+    return optimizer, {"scheduler": scheduler, "interval": "step"}
+
+
+def split_micro_batches(batch: Dict[str, Any], micro_batch_size: Optional[int]) -> Iterator[Dict[str, Any]]:
+    """Row slices of a right-padded batch, each trimmed to its own longest sequence."""
+    size = batch["input_ids"].size(0)
+    step = micro_batch_size or size
+    for start in range(0, size, step):
+        part = {k: v[start : start + step] for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 2
+                and k in ("input_ids", "attention_mask", "loss_mask")}
+        width = int(part["attention_mask"].sum(-1).max())
+        yield {k: v[:, :width] for k, v in part.items()}
+
+
+class IRLModule(L.LightningModule):
+    """Base of every algorithm. Manual optimisation throughout: the loss is normalised by the
+    number of loss tokens of the *global* step (all micro-batches, all ranks), which needs the
+    token count before the first backward, and adversarial methods step two optimizers anyway.
+
+    Args:
+        policy: The model being trained (Hub id / folder, or an inline config).
+        optimizer: Optimizer and schedule of the policy.
+        micro_batch_size: Split each batch into micro-batches of this many examples and accumulate
+            gradients (the gradient equals the full batch's). Lightning's
+            ``accumulate_grad_batches`` is not used; raise ``data.batch_size`` instead.
+        max_grad_norm: Clip the global gradient norm (None = no clipping).
+        sampling: Sampling settings for rollouts and ``predict``.
+        export_dir: Where the final policy and tokenizer are saved in Hugging Face format
+            (safetensors) when ``fit`` ends. Default: ``export`` inside the run's checkpoint folder.
+        export: Turn the export off with False.
+    """
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        optimizer: OptimizerSpec = OptimizerSpec(),
+        micro_batch_size: Optional[int] = None,
+        max_grad_norm: Optional[float] = 1.0,
+        sampling: SamplingConfig = SamplingConfig(),
+        export_dir: Optional[str] = None,
+        export: bool = True,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy_spec = policy
+        self.optimizer_spec = optimizer
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.sampling = sampling
+        self.export_dir = export_dir
+        self.export = export
+        self.tokenizer = policy.load_tokenizer()
+        self.policy: Optional[torch.nn.Module] = None
+        self.val_nll = torchmetrics.MeanMetric()
+        self._tokens_seen = 0
+        self._clock: Optional[float] = None
+
+    # ---- building ----------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = self.policy_spec.build_causal_lm(self.tokenizer)
+
+    def total_steps(self) -> int:
+        try:
+            return int(self.trainer.estimated_stepping_batches)
+        except Exception:  # no trainer or an infinite loader
+            return 1
+
+    def configure_optimizers(self):
+        optimizer, scheduler = build_optimizer(self.policy, self.optimizer_spec, self.total_steps())
+        return [optimizer], [scheduler]
+
+    # ---- shared training plumbing ------------------------------------------------------
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (identity on one device)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value.float(), reduce_op="sum")
+
+    def step_optimizer(self, optimizer, scheduler=None) -> None:
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+    def nll_backward(self, batch: Dict[str, Any], scale: float = 1.0) -> torch.Tensor:
+        """Backward of scale × (Σ response-token NLL) / (global loss-token count), micro-batched.
+
+        Returns the detached global mean NLL contribution of this rank (sum over ranks = mean).
+        """
+        world = self.trainer.world_size if self.trainer is not None else 1
+        local_tokens = batch["loss_mask"][:, 1:].sum()
+        global_tokens = self.global_sum(local_tokens.float()).clamp(min=1)
+        total = torch.zeros((), device=self.device)
+        for micro in split_micro_batches(batch, self.micro_batch_size):
+            logps = token_logprobs(self.policy, micro["input_ids"], micro["attention_mask"])
+            loss = token_nll_sum(logps, micro["loss_mask"][:, 1:]) * world / global_tokens
+            self.manual_backward(loss * scale)
+            total += loss.detach()
+        return total / world
+
+    def count_tokens(self, batch: Dict[str, Any]) -> None:
+        """Non-pad tokens processed, for ``perf/tokens_per_sec``."""
+        now = time.perf_counter()
+        tokens = int(batch["attention_mask"].sum())
+        if self._clock is not None:
+            elapsed = now - self._clock
+            if elapsed > 0:
+                self.log("perf/tokens_per_sec", self._tokens_seen / elapsed * self.trainer.world_size,
+                         on_step=True, on_epoch=False)
+        self._clock, self._tokens_seen = now, tokens
+
+    # ---- validation / test: held-out NLL on demonstrations -----------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.val_nll.reset()
+
+    def _nll_eval_step(self, batch: Dict[str, Any]) -> None:
+        logps = token_logprobs(self.policy, batch["input_ids"], batch["attention_mask"])
+        mask = batch["loss_mask"][:, 1:]
+        tokens = mask.sum()
+        if tokens > 0:
+            self.val_nll.update(token_nll_sum(logps, mask) / tokens, weight=tokens)
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        self._nll_eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_nll("val")
+
+    def _log_nll(self, stage: str) -> None:
+        nll = self.val_nll.compute()
+        self.log(f"{stage}/loss", nll, sync_dist=False)
+        self.log(f"{stage}/perplexity", torch.exp(nll), sync_dist=False)
+        self.val_nll.reset()
+
+    def test_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        self._nll_eval_step(batch)
+
+    def on_test_epoch_start(self) -> None:
+        self.val_nll.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_nll("test")
+
+    # ---- sampling ----------------------------------------------------------------------
+    def rollout(self, batch: Dict[str, Any], config: Optional[SamplingConfig] = None,
+                compute_logprobs: bool = True) -> Rollout:
+        return sample(self.policy, self.tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                      config or self.sampling, compute_logprobs=compute_logprobs)
+
+    def predict_step(self, batch: Dict[str, Any], batch_idx: int) -> List[Dict[str, Any]]:
+        rollout = self.rollout(batch)
+        seq_logps = sequence_logprobs(rollout.logprobs, rollout.loss_mask[:, 1:])
+        k = self.sampling.num_samples
+        return [
+            {"prompt": batch["prompt"][i // k], "response": rollout.responses[i],
+             "logprob": float(seq_logps[i]), "finished": bool(rollout.finished[i])}
+            for i in range(len(rollout.responses))
+        ]
+
+    # ---- export ------------------------------------------------------------------------
+    def resolve_export_dir(self) -> Optional[str]:
+        if not self.export:
+            return None
+        if self.export_dir:
+            return self.export_dir
+        callback = getattr(self.trainer, "checkpoint_callback", None)
+        base = getattr(callback, "dirpath", None) or self.trainer.default_root_dir
+        return os.path.join(base, "export")
+
+    def full_policy_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The policy's full state dict on rank 0 (gathers shards under FSDP2)."""
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in self.policy.parameters()):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return None
+
+    def export_model(self, model, path: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Write an HF folder atomically: a crash mid-write leaves the previous export intact."""
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        to_save = model
+        if hasattr(model, "merge_and_unload") and state_dict is None:
+            import copy
+
+            to_save = copy.deepcopy(model).merge_and_unload()
+        to_save.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        old = path.rstrip("/") + ".old"
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def on_fit_end(self) -> None:
+        path = self.resolve_export_dir()
+        if path is None:
+            return
+        path = self.trainer.strategy.broadcast(path)
+        state_dict = self.full_policy_state_dict()
+        if self.trainer.is_global_zero:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.export_model(self.policy, path, state_dict)
+            log.info("exported the policy and tokenizer to %s", path)
+        self.trainer.strategy.barrier("export")

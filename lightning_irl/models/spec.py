@@ -1,0 +1,161 @@
+"""Where a network comes from: a Hub id or folder, or a small architecture written in the YAML."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lightning_irl.models.tokenizers import ensure_pad_token
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters through ``peft``. With LoRA on the policy, the frozen reference is the same
+    base model with the adapter disabled: one copy of the base weights in memory."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class ModelSpec:
+    """A network: ``model_name_or_path`` (Hub id or local folder) or an inline ``config``.
+
+    Args:
+        model_name_or_path: Hub id or local folder, loaded with ``from_pretrained``. The Hub is
+            reached only when an id is named here and the files are not cached.
+        config: A small architecture built from scratch, e.g. ``{model_type: llama,
+            hidden_size: 64, num_hidden_layers: 2, ...}``. ``vocab_size`` and the special token
+            ids are filled in from the tokenizer.
+        tokenizer: Hub id or folder of the tokenizer (default: ``model_name_or_path``), or
+            ``task:<name>`` for the word-level tokenizer of a built-in task.
+        dtype: Weights dtype at load: ``float32`` (default; Lightning's precision flag then
+            chooses the compute dtype), ``bfloat16``, ``float16`` or ``auto``.
+        trust_remote_code: Run code shipped with a Hub model. Off unless you turn it on.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        attn_implementation: Passed to transformers (``sdpa``, ``eager``, ...).
+        lora: LoRA adapter settings, or None for full fine-tuning.
+    """
+
+    model_name_or_path: Optional[str] = None
+    config: Optional[Dict[str, Any]] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: Optional[str] = "sdpa"
+    lora: Optional[LoraSpec] = None
+    seed: Optional[int] = field(default=None)
+
+    def __post_init__(self) -> None:
+        if (self.model_name_or_path is None) == (self.config is None):
+            raise ValueError("a model needs exactly one of model_name_or_path or config")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("an inline config needs a model_type (llama, gpt2, qwen2, ...)")
+
+    # ---------------------------------------------------------------------------------
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        source = self.tokenizer or self.model_name_or_path
+        if source is None:
+            raise ValueError(
+                "a model built from an inline config needs `tokenizer:` (a folder, a Hub id, "
+                "or task:<name> for a built-in task)"
+            )
+        if source.startswith("task:"):
+            from lightning_irl.data.tasks import get_task
+
+            tokenizer = get_task(source.split(":", 1)[1]).build_tokenizer()
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=self.trust_remote_code
+            )
+        return ensure_pad_token(tokenizer)
+
+    def _config(self, tokenizer: PreTrainedTokenizerBase, **overrides: Any):
+        assert self.config is not None
+        values = dict(self.config)
+        model_type = values.pop("model_type")
+        values.setdefault("vocab_size", len(tokenizer))
+        values.setdefault("pad_token_id", tokenizer.pad_token_id)
+        values.setdefault("eos_token_id", tokenizer.eos_token_id)
+        values.setdefault("bos_token_id", tokenizer.bos_token_id)
+        values.update(overrides)
+        return AutoConfig.for_model(model_type, **values)
+
+    def _kwargs(self) -> Dict[str, Any]:
+        kwargs: Dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        return kwargs
+
+    def _finish(self, model: PreTrainedModel) -> PreTrainedModel:
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        return model
+
+    def build_causal_lm(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+        dtype = _DTYPES[self.dtype]
+        if self.config is not None:
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            model = AutoModelForCausalLM.from_config(
+                self._config(tokenizer), dtype=None if dtype == "auto" else dtype, **self._kwargs()
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_name_or_path, dtype=dtype, **self._kwargs()
+            )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return self._finish(model)
+
+    def build_sequence_classifier(
+        self, tokenizer: PreTrainedTokenizerBase, num_labels: int = 1
+    ) -> PreTrainedModel:
+        """A scalar-logit classifier (discriminator / reward model). From a causal-LM folder the
+        backbone is reused and a fresh score head is added (transformers does that)."""
+        dtype = _DTYPES[self.dtype]
+        if self.config is not None:
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            model = AutoModelForSequenceClassification.from_config(
+                self._config(tokenizer, num_labels=num_labels),
+                dtype=None if dtype == "auto" else dtype,
+                **self._kwargs(),
+            )
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                self.model_name_or_path, num_labels=num_labels, dtype=dtype, **self._kwargs()
+            )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return self._finish(model)

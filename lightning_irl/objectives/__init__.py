@@ -1,0 +1,1 @@
+"""The math, as pure tensor functions. Nothing here imports Lightning or the rest of the package."""
