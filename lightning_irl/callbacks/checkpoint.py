@@ -10,7 +10,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 class RunCheckpoint(ModelCheckpoint):
     """A ``ModelCheckpoint`` whose default folder mirrors the logger's run folder under ``root``.
 
-    Keeps ``last.ckpt`` by default so a crashed run resumes with ``--ckpt_path .../last.ckpt``.
+    Keeps ``last.ckpt`` by default so a crashed run resumes with ``--ckpt_path .../last.ckpt``,
+    and writes it once more when training ends between validations (e.g. at ``max_steps``), so
+    the final weights are never only in memory.
     """
 
     def __init__(self, root: str = "checkpoints", save_last: bool = True, **kwargs) -> None:
@@ -26,3 +28,7 @@ class RunCheckpoint(ModelCheckpoint):
             else:
                 self.dirpath = self.root
         super().setup(trainer, pl_module, stage)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and trainer.global_step != self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

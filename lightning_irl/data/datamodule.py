@@ -120,10 +120,12 @@ class DemonstrationDataModule(L.LightningDataModule):
         return dict(prompt_field=h.prompt_field, response_field=h.response_field,
                     messages_field=h.messages_field, require_response=require_response)
 
-    def _task_records(self, split: str) -> List[Dict[str, Any]]:
+    def _task_records(self, split: str) -> Optional[List[Dict[str, Any]]]:
         h = self.hparams
         n, offset = {"train": (h.num_train, 0), "val": (h.num_val, 1), "test": (h.num_test, 2),
                      "predict": (h.num_test, 2)}[split]
+        if n == 0:
+            return None
         return [{**r, "where": f"task {h.task} {split} record {i}"}
                 for i, r in enumerate(self.task.records(n, seed=h.task_seed * 1000 + offset))]
 
