@@ -160,3 +160,15 @@ def test_length_grouping_cuts_padding(tokenizer):
         assert sum(b["input_ids"].size(0) for b in batches) == 512
         pads.append(sum(int((b["attention_mask"] == 0).sum()) for b in batches))
     assert pads[1] < 0.5 * pads[0]
+
+
+def test_dataset_name_goes_through_datasets_load_dataset(tmp_path, tokenizer):
+    """A Hub id is fetched by ``datasets.load_dataset``; a local folder name takes the same path offline."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS * 4) + "\n")
+    dm = DemonstrationDataModule(dataset_name=str(folder), val_split=None, val_fraction=0.25)
+    dm.set_tokenizer(tokenizer)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 6 and len(dm.datasets["val"]) == 2
+    assert dm.stats["train"].loss_tokens == sum(sum(e["loss_mask"]) for e in dm.datasets["train"])
