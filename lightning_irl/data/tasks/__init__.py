@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from lightning_irl.data.tasks.base import KnownExpertTask, normalize
+from lightning_irl.data.tasks.grammar import GrammarTask
 from lightning_irl.data.tasks.modes import ModesTask
 
 TASKS: Dict[str, Callable[[], KnownExpertTask]] = {
     "modes": ModesTask,
+    "grammar": GrammarTask,
 }
 
 
@@ -19,4 +21,4 @@ def get_task(name: str) -> KnownExpertTask:
         raise ValueError(f"unknown built-in task {name!r}; choose one of {sorted(TASKS)}") from None
 
 
-__all__ = ["KnownExpertTask", "ModesTask", "TASKS", "get_task", "normalize"]
+__all__ = ["GrammarTask", "KnownExpertTask", "ModesTask", "TASKS", "get_task", "normalize"]
