@@ -23,10 +23,15 @@ class SamplingConfig:
 
     Args:
         max_new_tokens: Length cap of a response (EOS included).
-        temperature: Softmax temperature for sampling (log-probs are always at temperature 1).
+        temperature: Softmax temperature for sampling (log-probs are always at temperature 1);
+            0 means greedy decoding.
         top_p: Nucleus sampling mass (1.0 = off).
         top_k: Keep the k most likely tokens (0 = off).
         do_sample: False = greedy decoding.
+
+    Nothing else shapes the distribution: repetition penalties, n-gram blocking and the like that
+    a Hub model's ``generation_config`` may carry are switched off, so that at temperature 1 with
+    top-p 1 and top-k 0 the samples come from the policy itself (what KL estimates assume).
         num_samples: Responses per prompt (k); samples of one prompt are contiguous rows.
     """
 
@@ -63,6 +68,18 @@ class Rollout:
     @property
     def response_mask(self) -> torch.Tensor:
         return self.loss_mask[:, self.prompt_length :]
+
+    @property
+    def sequence_logprobs(self) -> torch.Tensor:
+        """log π(y|x) of each whole response (EOS included): [N]. Needs ``logprobs``."""
+        if self.logprobs is None:
+            raise ValueError("this rollout was sampled with compute_logprobs=False")
+        return (self.logprobs * self.loss_mask[:, 1:].to(self.logprobs.dtype)).sum(-1)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """Tokens per response, EOS included: [N]."""
+        return self.response_mask.sum(-1)
 
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum())
@@ -101,30 +118,54 @@ def sample(
         prompt_attention_mask = prompt_attention_mask.repeat_interleave(k, dim=0)
     was_training = model.training
     model.eval()
+    try:
+        output = model.generate(input_ids=prompt_input_ids, attention_mask=prompt_attention_mask,
+                                **generate_kwargs(tokenizer, config, synced_gpus))
+        return _assemble(model, tokenizer, prompt_input_ids, prompt_attention_mask, output, compute_logprobs)
+    finally:
+        if was_training:
+            model.train()
+
+
+def generate_kwargs(tokenizer, config: SamplingConfig, synced_gpus: Optional[bool] = None) -> dict:
+    """Keyword arguments of ``model.generate`` for ``config`` (also used by the benchmark)."""
+    do_sample = config.do_sample and config.temperature > 0
     kwargs = dict(
         max_new_tokens=config.max_new_tokens,
-        do_sample=config.do_sample,
+        do_sample=do_sample,
+        num_beams=1,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         synced_gpus=_distributed() if synced_gpus is None else synced_gpus,
         use_cache=True,
+        # neutralise distribution-shaping defaults a Hub generation_config may carry
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        min_new_tokens=0,
     )
-    if config.do_sample:
+    if do_sample:
         kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
-    output = model.generate(input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, **kwargs)
+    return kwargs
+
+
+def _assemble(model, tokenizer, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor,
+              output: torch.Tensor, compute_logprobs: bool) -> Rollout:
     prompt_length = prompt_input_ids.size(1)
     response_ids = output[:, prompt_length:]
-    if response_ids.size(1) == 0:  # nothing generated at all (max_new_tokens=0)
+    if response_ids.size(1) == 0:  # nothing generated at all: one masked-out pad column
         response_ids = torch.full((output.size(0), 1), tokenizer.pad_token_id, device=output.device)
-    response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+        response_mask = torch.zeros_like(response_ids)
+    else:
+        response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
     finished = ((response_ids == tokenizer.eos_token_id) & response_mask.bool()).any(-1)
     response_ids = torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id)
     input_ids = torch.cat([prompt_input_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_attention_mask.long(), response_mask], dim=1)
     loss_mask = torch.cat([torch.zeros_like(prompt_attention_mask, dtype=torch.long), response_mask], dim=1)
     logprobs = token_logprobs(model, input_ids, attention_mask) if compute_logprobs else None
-    if was_training:
-        model.train()
     texts = tokenizer.batch_decode(
         [ids[mask.bool()].tolist() for ids, mask in zip(response_ids, response_mask)],
         skip_special_tokens=True,
