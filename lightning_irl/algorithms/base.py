@@ -15,6 +15,7 @@ import torch
 import torchmetrics
 from transformers import get_scheduler
 
+from lightning_irl.metrics.evaluation import EvalConfig, SampleEvaluator, take_prompts
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.objectives.logprobs import sequence_logprobs, token_logprobs, token_nll_sum
 from lightning_irl.rollout import Rollout, SamplingConfig, sample
@@ -84,6 +85,9 @@ class IRLModule(L.LightningModule):
         export_dir: Where the final policy and tokenizer are saved in Hugging Face format
             (safetensors) when ``fit`` ends. Default: ``export`` inside the run's checkpoint folder.
         export: Turn the export off with False.
+        evaluation: Sample-based metrics at validation, logged under ``eval/`` (forward / reverse
+            KL, invalid mass, mode coverage against a built-in task's exact expert; entropy,
+            distinct-n, self-BLEU, length for any data). See ``EvalConfig``.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class IRLModule(L.LightningModule):
         sampling: SamplingConfig = SamplingConfig(),
         export_dir: Optional[str] = None,
         export: bool = True,
+        evaluation: EvalConfig = EvalConfig(),
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -110,11 +115,54 @@ class IRLModule(L.LightningModule):
         self.val_nll = torchmetrics.MeanMetric()
         self._tokens_seen = 0
         self._clock: Optional[float] = None
+        self.evaluation = evaluation
+        self.evaluator: Optional[SampleEvaluator] = None  # built at the first evaluation (needs the task)
+        self._eval_active = False
+        self._eval_prompts = 0
+        self._val_runs = 0
 
     # ---- building ----------------------------------------------------------------------
+    #: An algorithm whose loss needs the frozen initial policy (a KL anchor, AIRL's log π_ref)
+    #: sets this True; it then reads the reference through ``reference_mode`` /
+    #: ``reference_logprobs``, never through an attribute.
+    needs_reference: bool = False
+
     def configure_model(self) -> None:
+        """Build the policy (and, if ``needs_reference``, a frozen reference) once.
+
+        Models are only built here. Under ``lightning_irl.strategies.FSDP2Strategy`` every model
+        this hook (or an override of it) built is sharded after it returns, by the rules in
+        ``lightning_irl/strategies.py``, so overrides may deep-copy the policy freely.
+        """
+        from lightning_irl.models.lora import is_peft_model
+        from lightning_irl.strategies import require_supported_strategy
+
+        require_supported_strategy(self)
         if self.policy is None:
             self.policy = self.policy_spec.build_causal_lm(self.tokenizer)
+        if self.needs_reference and not is_peft_model(self.policy) and getattr(self, "reference", None) is None:
+            # A separate frozen copy of the *initial* policy. It stays in the state dict, so a
+            # resumed run gets the true initial weights back even from an unseeded init.
+            import copy
+
+            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+
+    def reference_mode(self):
+        """``with self.reference_mode() as ref: ref(input_ids=...)`` — the frozen reference model.
+
+        With LoRA on the policy, ``ref`` is the policy itself with its adapter switched off (the
+        base weights, held once); otherwise the frozen copy made in ``configure_model``. Inside
+        the block gradients are off and the model is in eval mode (no dropout); the policy's
+        training mode and adapter are restored on exit.
+        """
+        from lightning_irl.models.lora import reference_context
+
+        return reference_context(self.policy, getattr(self, "reference", None), owner=type(self).__name__)
+
+    def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Shifted per-token log-probs [B, T-1] under the frozen reference (see ``reference_mode``)."""
+        with self.reference_mode() as reference:
+            return token_logprobs(reference, input_ids, attention_mask)
 
     def total_steps(self) -> int:
         try:
@@ -171,19 +219,23 @@ class IRLModule(L.LightningModule):
     # ---- validation / test: held-out NLL on demonstrations -----------------------------
     def on_validation_epoch_start(self) -> None:
         self.val_nll.reset()
+        self._eval_start()
 
-    def _nll_eval_step(self, batch: Dict[str, Any]) -> None:
+    def _nll_eval_step(self, batch: Dict[str, Any]) -> torch.Tensor:
         logps = token_logprobs(self.policy, batch["input_ids"], batch["attention_mask"])
         mask = batch["loss_mask"][:, 1:]
         tokens = mask.sum()
         if tokens > 0:
             self.val_nll.update(token_nll_sum(logps, mask) / tokens, weight=tokens)
+        return logps
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
-        self._nll_eval_step(batch)
+        logps = self._nll_eval_step(batch)
+        self._eval_step(batch, logps, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_nll("val")
+        self._eval_end()
 
     def _log_nll(self, stage: str) -> None:
         nll = self.val_nll.compute()
@@ -199,6 +251,44 @@ class IRLModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_nll("test")
+
+    # ---- sample-based evaluation: eval/… (lightning_irl.metrics.evaluation) -------------
+    def _eval_start(self) -> None:
+        trainer = self.trainer
+        self._eval_active = False
+        if not self.evaluation.enabled or trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit":
+            self._val_runs += 1
+            if self._val_runs % self.evaluation.every_n_val:
+                return
+        if self.evaluator is None:
+            self.evaluator = self.evaluation.build_evaluator(getattr(trainer.datamodule, "task", None))
+        self.evaluator.to(self.device).reset()
+        self._eval_active, self._eval_prompts = True, 0
+
+    def _eval_step(self, batch: Dict[str, Any], logps: torch.Tensor, batch_idx: int) -> None:
+        if not self._eval_active:
+            return
+        self.evaluator.update_demonstrations(batch, logps, self.tokenizer.eos_token_id)
+        wanted = self.evaluation.num_prompts - self._eval_prompts
+        if wanted <= 0:
+            return
+        prompts = take_prompts(batch, wanted)
+        config = self.evaluation.sampling(self.sampling)
+        with self.evaluation.rng(self.device, self.global_rank, batch_idx):
+            rollout = self.rollout(prompts, config)
+        self.evaluator.update_rollout(prompts["prompt"], rollout, self.tokenizer, config.num_samples)
+        self._eval_prompts += len(prompts["prompt"])
+
+    def _eval_end(self) -> None:
+        if not self._eval_active:
+            return
+        for name, value in self.evaluator.compute().items():  # already reduced over ranks
+            if torch.isfinite(value):
+                self.log(f"eval/{name}", value, sync_dist=False)
+        self.evaluator.reset()
+        self._eval_active = False
 
     # ---- sampling ----------------------------------------------------------------------
     def rollout(self, batch: Dict[str, Any], config: Optional[SamplingConfig] = None,
