@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from transformers import (
@@ -34,12 +34,28 @@ _DTYPES = {
 @dataclass
 class LoraSpec:
     """LoRA adapters through ``peft``. With LoRA on the policy, the frozen reference is the same
-    base model with the adapter disabled: one copy of the base weights in memory."""
+    base model with the adapter disabled: one copy of the base weights in memory.
+
+    Args:
+        r: Rank of the adapter matrices.
+        alpha: Scale numerator: the update is ``alpha / r · B A`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: Dropout on the adapter's input.
+        target_modules: ``all-linear`` (every linear layer but the output layer) or a list of
+            module-name suffixes such as ``[q_proj, v_proj]``.
+        modules_to_save: Modules trained in full next to the adapters (e.g. ``[lm_head]``).
+        use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)``.
+    """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: Any = "all-linear"
+    modules_to_save: Optional[List[str]] = None
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
 
 
 @dataclass
@@ -59,7 +75,9 @@ class ModelSpec:
         trust_remote_code: Run code shipped with a Hub model. Off unless you turn it on.
         gradient_checkpointing: Recompute activations in backward to save memory.
         attn_implementation: Passed to transformers (``sdpa``, ``eager``, ...).
-        lora: LoRA adapter settings, or None for full fine-tuning.
+        lora: LoRA adapter settings, or None for full fine-tuning. With LoRA the built model is a
+            ``peft.PeftModel`` whose base weights are frozen; the export merges the adapter into a
+            plain Hugging Face folder.
     """
 
     model_name_or_path: Optional[str] = None
@@ -115,10 +133,14 @@ class ModelSpec:
             kwargs["attn_implementation"] = self.attn_implementation
         return kwargs
 
-    def _finish(self, model: PreTrainedModel) -> PreTrainedModel:
+    def _finish(self, model: PreTrainedModel, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+        if self.lora is not None:
+            from lightning_irl.models.lora import apply_lora
+
+            model = apply_lora(model, self.lora, task_type=task_type)
         return model
 
     def build_causal_lm(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -158,4 +180,4 @@ class ModelSpec:
                 self.model_name_or_path, num_labels=num_labels, dtype=dtype, **self._kwargs()
             )
         model.config.pad_token_id = tokenizer.pad_token_id
-        return self._finish(model)
+        return self._finish(model, task_type="SEQ_CLS")
