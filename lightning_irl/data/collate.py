@@ -1,9 +1,13 @@
 """Dynamic padding. Training sequences are right-padded; prompts for sampling are left-padded so
-that every prompt ends at the same column and generation continues from there."""
+that every prompt ends at the same column and generation continues from there.
+
+``PackedDemonstrationCollator`` packs the examples of a training batch into fewer rows instead
+(padding-free packing): see its docstring for the contract with the model call.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -36,3 +40,78 @@ class DemonstrationCollator:
             "prompt": [e["prompt"] for e in examples],
             "response": [e["response"] for e in examples],
         }
+
+
+def pack_rows(lengths: List[int], capacity: int) -> List[List[int]]:
+    """First-fit decreasing bin packing: lists of example indices, each list's total length
+    ≤ ``capacity`` (an example longer than ``capacity`` gets a row of its own)."""
+    rows: List[List[int]] = []
+    room: List[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[index] <= free:
+                rows[r].append(index)
+                room[r] -= lengths[index]
+                break
+        else:
+            rows.append([index])
+            room.append(capacity - lengths[index])
+    return rows
+
+
+class PackedDemonstrationCollator(DemonstrationCollator):
+    """Pack a training batch's examples end to end into as few rows as fit ``pack_length``.
+
+    The same examples (so the same loss-token count and the same loss) in fewer, fuller rows.
+    Extra key ``position_ids`` restarts at 0 at every example. The model must be called with
+    ``input_ids`` and ``position_ids``, **no** ``attention_mask`` and ``use_cache=False``:
+    transformers (≥ 4.53, ``masking_utils.find_packed_sequence_indices``) then builds a
+    block-causal mask from the restarting positions, so examples never attend to each other.
+    (With an attention mask, or with a KV cache, it silently attends across examples.)
+
+    ``attention_mask`` is still returned, 1 on real tokens: it is for counting tokens and
+    trimming micro-batches, not for the model. ``loss_mask`` is 0 on each example's first token
+    (the unpacked batch never scores it either). Padding sits at the end of a row with
+    ``position_ids`` 0, so each pad token is a sequence of its own. The ``prompt_*`` keys are
+    per example (unpacked), as in ``DemonstrationCollator``.
+
+    Args:
+        pad_token_id: Padding token.
+        pack_length: Row capacity in tokens. None (default) = the longest example of the batch:
+            no row is wider than the unpacked batch, so attention work per row never grows.
+    """
+
+    def __init__(self, pad_token_id: int, pack_length: Optional[int] = None) -> None:
+        super().__init__(pad_token_id)
+        self.pack_length = pack_length
+
+    def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        out = super().__call__(examples)
+        lengths = [len(e["input_ids"]) for e in examples]
+        capacity = max(self.pack_length or 0, max(lengths))
+        ids, positions, losses = [], [], []
+        for row in pack_rows(lengths, capacity):
+            row_ids: List[int] = []
+            row_pos: List[int] = []
+            row_loss: List[int] = []
+            for index in row:
+                example = examples[index]
+                row_ids += example["input_ids"]
+                row_pos += range(len(example["input_ids"]))
+                row_loss += [0] + list(example["loss_mask"][1:])
+            ids.append(row_ids)
+            positions.append(row_pos)
+            losses.append(row_loss)
+        out.update(
+            input_ids=_pad(ids, self.pad_token_id),
+            attention_mask=_pad([[1] * len(r) for r in ids], 0),
+            loss_mask=_pad(losses, 0),
+            position_ids=_pad(positions, 0),
+        )
+        return out
+
+
+def padding_share(batch: Dict[str, Any]) -> float:
+    """Share of the batch's [rows × width] cells that are padding."""
+    mask = batch["attention_mask"]
+    return 1.0 - float(mask.sum()) / mask.numel()

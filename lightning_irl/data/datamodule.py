@@ -8,9 +8,9 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from lightning_irl.data.collate import DemonstrationCollator
+from lightning_irl.data.collate import DemonstrationCollator, PackedDemonstrationCollator
 from lightning_irl.data.encode import EncodeStats, encode_records
 from lightning_irl.data.records import DataError, load_records, validate_records
 from lightning_irl.data.tasks import KnownExpertTask, get_task
@@ -70,6 +70,14 @@ class DemonstrationDataModule(L.LightningDataModule):
             micro-batches for gradient accumulation).
         eval_batch_size: Examples per validation / test / predict batch (default: batch_size).
         group_by_length: Batch examples of similar length together (less padding).
+        shuffle: Shuffle the training examples every epoch (False: file / task order, e.g. to
+            compare runs on different device counts example for example).
+        packing: Pack each training batch's examples end to end into fewer rows (padding-free,
+            block-causal: examples never attend to each other; see
+            ``PackedDemonstrationCollator``). Same examples and loss per step, less padding.
+            Training batches only, and only for algorithms that declare ``supports_packing``.
+        pack_length: Row capacity for ``packing`` in tokens (default: the batch's longest
+            example, so no row is wider than the unpacked batch).
     """
 
     def __init__(
@@ -99,6 +107,9 @@ class DemonstrationDataModule(L.LightningDataModule):
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
         group_by_length: bool = False,
+        shuffle: bool = True,
+        packing: bool = False,
+        pack_length: Optional[int] = None,
     ) -> None:
         super().__init__()
         sources = [s for s in (task, train_file, dataset_name) if s is not None]
@@ -108,6 +119,8 @@ class DemonstrationDataModule(L.LightningDataModule):
             raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
+        if pack_length is not None and pack_length < 1:
+            raise ValueError("pack_length must be a positive number of tokens")
         self.save_hyperparameters()
         self.task: Optional[KnownExpertTask] = get_task(task) if task else None
         self.tokenizer = None
@@ -162,6 +175,11 @@ class DemonstrationDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise RuntimeError("DemonstrationDataModule needs a tokenizer: set_tokenizer() or a module with one")
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}[stage]
+        if stage == "fit" and self.hparams.packing:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            if module is not None and not getattr(module, "supports_packing", False):
+                raise ValueError(f"data.packing: {type(module).__name__} does not support packed batches "
+                                 "(its loss would attend across packed examples); turn packing off")
         raw: Dict[str, Optional[List[Dict[str, Any]]]] = {s: self.raw_records(s) for s in wanted}
         if stage == "fit" and raw["train"] is None:
             raise DataError("no training data: set data.task, data.train_file or data.dataset_name")
@@ -199,22 +217,36 @@ class DemonstrationDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         examples = self.datasets[split]
-        collate = DemonstrationCollator(self.tokenizer.pad_token_id)
+        if split == "train" and self.hparams.packing:
+            collate = PackedDemonstrationCollator(self.tokenizer.pad_token_id, self.hparams.pack_length)
+        else:
+            collate = DemonstrationCollator(self.tokenizer.pad_token_id)
         sampler = None
         if shuffle and self.hparams.group_by_length:
             sampler = LengthGroupedSampler([len(e["input_ids"]) for e in examples], batch_size,
                                            seed=self.hparams.split_seed)
             shuffle = False
+        elif split == "train" and not shuffle and self._distributed_kwargs():
+            # Lightning would swap in a *shuffling* DistributedSampler for training; keep the order:
+            # rank r takes examples r, r + N, ..., so a global batch is the same examples as on 1 device.
+            sampler = DistributedSampler(examples, shuffle=False, **self._distributed_kwargs())
         return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                           collate_fn=collate, num_workers=self.hparams.num_workers,
                           drop_last=False, persistent_workers=self.hparams.num_workers > 0)
+
+    def _distributed_kwargs(self) -> Dict[str, int]:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return {}
+        kwargs = trainer.strategy.distributed_sampler_kwargs or {}
+        return {k: kwargs[k] for k in ("num_replicas", "rank") if k in kwargs}
 
     @property
     def _eval_batch_size(self) -> int:
         return self.hparams.eval_batch_size or self.hparams.batch_size
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.hparams.batch_size, shuffle=True)
+        return self._loader("train", self.hparams.batch_size, shuffle=self.hparams.shuffle)
 
     def val_dataloader(self):
         if "val" not in self.datasets:
