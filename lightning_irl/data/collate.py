@@ -59,8 +59,32 @@ def pack_rows(lengths: List[int], capacity: int) -> List[List[int]]:
     return rows
 
 
+def pack_batch(lengths: List[int], max_capacity: int) -> List[List[int]]:
+    """Rows for one batch with the fewest [rows × width] cells (padding included).
+
+    Tries first-fit decreasing at the capacities ``ceil(total / r)`` for every row count ``r``
+    (never above ``max_capacity``, never below the longest example) and keeps the layout with
+    the fewest cells, fewer rows on a tie. One example per row (the unpadded-batch layout) is
+    among the candidates, so packing never pads more than the plain batch.
+    """
+    longest, total = max(lengths), sum(lengths)
+    best, best_cells = [[i] for i in range(len(lengths))], len(lengths) * longest
+    tried = set()
+    for rows in range(1, len(lengths) + 1):
+        capacity = max(longest, -(-total // rows))
+        if capacity > max_capacity or capacity in tried:
+            continue
+        tried.add(capacity)
+        layout = pack_rows(lengths, capacity)
+        cells = len(layout) * max(sum(lengths[i] for i in row) for row in layout)
+        if cells < best_cells or (cells == best_cells and len(layout) < len(best)):
+            best, best_cells = layout, cells
+    return best
+
+
 class PackedDemonstrationCollator(DemonstrationCollator):
-    """Pack a training batch's examples end to end into as few rows as fit ``pack_length``.
+    """Pack a training batch's examples end to end into rows of at most ``pack_length`` tokens,
+    choosing the layout with the least padding (``pack_batch``).
 
     The same examples (so the same loss-token count and the same loss) in fewer, fuller rows.
     Extra key ``position_ids`` restarts at 0 at every example. The model must be called with
@@ -90,7 +114,7 @@ class PackedDemonstrationCollator(DemonstrationCollator):
         lengths = [len(e["input_ids"]) for e in examples]
         capacity = max(self.pack_length or 0, max(lengths))
         ids, positions, losses = [], [], []
-        for row in pack_rows(lengths, capacity):
+        for row in pack_batch(lengths, capacity):
             row_ids: List[int] = []
             row_pos: List[int] = []
             row_loss: List[int] = []

@@ -76,8 +76,9 @@ class DemonstrationDataModule(L.LightningDataModule):
             block-causal: examples never attend to each other; see
             ``PackedDemonstrationCollator``). Same examples and loss per step, less padding.
             Training batches only, and only for algorithms that declare ``supports_packing``.
-        pack_length: Row capacity for ``packing`` in tokens (default: the batch's longest
-            example, so no row is wider than the unpacked batch).
+        pack_length: Row capacity for ``packing`` in tokens (default: ``max_length``, or the
+            batch's longest example without one). Attention work per row grows with its square
+            under the dense block-causal mask of ``sdpa``/``eager``; keep it near ``max_length``.
     """
 
     def __init__(
@@ -218,7 +219,8 @@ class DemonstrationDataModule(L.LightningDataModule):
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         examples = self.datasets[split]
         if split == "train" and self.hparams.packing:
-            collate = PackedDemonstrationCollator(self.tokenizer.pad_token_id, self.hparams.pack_length)
+            collate = PackedDemonstrationCollator(self.tokenizer.pad_token_id,
+                                                  self.hparams.pack_length or self.hparams.max_length)
         else:
             collate = DemonstrationCollator(self.tokenizer.pad_token_id)
         sampler = None
