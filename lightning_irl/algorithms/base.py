@@ -219,7 +219,7 @@ class IRLModule(L.LightningModule):
     # ---- validation / test: held-out NLL on demonstrations -----------------------------
     def on_validation_epoch_start(self) -> None:
         self.val_nll.reset()
-        self._eval_start()
+        self._sample_eval_start()
 
     def _nll_eval_step(self, batch: Dict[str, Any]) -> torch.Tensor:
         logps = token_logprobs(self.policy, batch["input_ids"], batch["attention_mask"])
@@ -231,11 +231,11 @@ class IRLModule(L.LightningModule):
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
         logps = self._nll_eval_step(batch)
-        self._eval_step(batch, logps, batch_idx)
+        self._sample_eval_step(batch, logps, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_nll("val")
-        self._eval_end()
+        self._sample_eval_end()
 
     def _log_nll(self, stage: str) -> None:
         nll = self.val_nll.compute()
@@ -253,7 +253,7 @@ class IRLModule(L.LightningModule):
         self._log_nll("test")
 
     # ---- sample-based evaluation: eval/… (lightning_irl.metrics.evaluation) -------------
-    def _eval_start(self) -> None:
+    def _sample_eval_start(self) -> None:
         trainer = self.trainer
         self._eval_active = False
         if not self.evaluation.enabled or trainer.sanity_checking:
@@ -267,7 +267,7 @@ class IRLModule(L.LightningModule):
         self.evaluator.to(self.device).reset()
         self._eval_active, self._eval_prompts = True, 0
 
-    def _eval_step(self, batch: Dict[str, Any], logps: torch.Tensor, batch_idx: int) -> None:
+    def _sample_eval_step(self, batch: Dict[str, Any], logps: torch.Tensor, batch_idx: int) -> None:
         if not self._eval_active:
             return
         self.evaluator.update_demonstrations(batch, logps, self.tokenizer.eos_token_id)
@@ -281,7 +281,7 @@ class IRLModule(L.LightningModule):
         self.evaluator.update_rollout(prompts["prompt"], rollout, self.tokenizer, config.num_samples)
         self._eval_prompts += len(prompts["prompt"])
 
-    def _eval_end(self) -> None:
+    def _sample_eval_end(self) -> None:
         if not self._eval_active:
             return
         for name, value in self.evaluator.compute().items():  # already reduced over ranks
