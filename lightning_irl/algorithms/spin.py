@@ -56,6 +56,15 @@ def split_rows(batch: Dict[str, torch.Tensor], micro_batch_size: Optional[int]) 
         yield {k: v[:, :width] for k, v in part.items()}
 
 
+def identical_fraction(chosen: Dict[str, torch.Tensor], rejected: Dict[str, torch.Tensor]) -> float:
+    """Share of rows whose response tokens (loss-mask positions) are the same in both batches."""
+    def responses(part):
+        return [ids[mask.bool()].tolist() for ids, mask in zip(part["input_ids"], part["loss_mask"])]
+
+    pairs = list(zip(responses(chosen), responses(rejected)))
+    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.requires_grad_(False)
     return model.eval()
@@ -194,6 +203,8 @@ class SPIN(IRLModule):
             self.log(f"rewards/{name}", shares[i], sync_dist=True, reduce_fx="sum")
         self.log("spin/iteration", self.opponent_iteration.float())
         self.log("spin/finished_fraction", generated.finished.float().mean(), sync_dist=True)
+        # pairs whose generation reproduced the demonstration: z = 0 exactly, no gradient
+        self.log("spin/identical_fraction", identical_fraction(chosen, rejected), sync_dist=True)
         self.log("train/lr", scheduler.get_last_lr()[0], on_step=True, on_epoch=False)
 
         if self.steps_per_iteration is not None and \

@@ -64,7 +64,8 @@ SMALL = dict(export=False, max_grad_norm=None, sampling=SamplingConfig(max_new_t
 # ---- the shipped configs, end to end through the CLI ------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name, metrics", [
-    ("spin", ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "train/loss"]),
+    ("spin", ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "train/loss",
+              "spin/identical_fraction"]),
     ("iq_learn", ["iq/reward_mean", "iq/reward_std", "train/loss", "train/nll", "train/penalty"]),
     ("distill", ["train/loss", "distill/on_policy"]),
 ])
@@ -92,6 +93,17 @@ def test_spin_loss_is_log2_while_opponent_equals_policy():
     assert metrics["rewards/chosen"].item() == pytest.approx(0.0, abs=1e-6)
     assert metrics["rewards/margins"].item() == pytest.approx(0.0, abs=1e-6)
     assert metrics["rewards/accuracies"].item() == 0.0  # ties are not wins (TRL)
+
+
+def test_identical_fraction_compares_response_tokens_across_layouts():
+    from lightning_irl.algorithms.spin import identical_fraction
+
+    # chosen: right-padded [prompt | response]; rejected: left-padded prompt, right-padded response
+    chosen = {"input_ids": torch.tensor([[5, 6, 7, 1, 0], [5, 8, 9, 1, 0]]),
+              "loss_mask": torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 0]])}
+    rejected = {"input_ids": torch.tensor([[0, 5, 6, 7, 1], [5, 8, 4, 1, 0]]),
+                "loss_mask": torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 0]])}
+    assert identical_fraction(chosen, rejected) == 0.5
 
 
 class OpponentWatch(L.Callback):
