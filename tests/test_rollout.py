@@ -160,3 +160,17 @@ def test_hub_generation_defaults_do_not_reshape_the_distribution(setup):
         assert sample(model, tok, ids, mask, config).responses == before
     finally:
         model.generation_config.update(**saved)
+
+
+def test_predict_rows_follow_the_k_sample_layout(tiny_spec):
+    from lightning_irl.algorithms import SFT
+
+    module = SFT(tiny_spec, sampling=SamplingConfig(max_new_tokens=5, num_samples=3))
+    module.configure_model()
+    tok = module.tokenizer
+    ids, mask = left_padded(tok, PROMPTS)
+    rows = module.predict_step({"prompt_input_ids": ids, "prompt_attention_mask": mask, "prompt": PROMPTS}, 0)
+    assert [r["prompt"] for r in rows] == [p for p in PROMPTS for _ in range(3)]
+    for row in rows:
+        assert set(row) >= {"prompt", "response", "logprob", "finished"}
+        assert row["logprob"] <= 0.0
