@@ -48,6 +48,16 @@ def moments(dist, term, n=N):
     return mean, math.sqrt(var / n)
 
 
+def conditional_kl(expert, policy, n):
+    """KL(π(·|valid) ‖ p_E) and the standard error (delta method) of the n-sample estimator
+    mean_valid[log π − log p_E] − log V̂."""
+    valid = sum(q for y, q in policy.items() if expert.get(y, 0) > 0)
+    cond = {y: q / valid for y, q in policy.items() if expert.get(y, 0) > 0}
+    kl = sum(c * math.log(c / expert[y]) for y, c in cond.items())
+    _, se_terms = moments(cond, lambda y: math.log(policy[y]) - math.log(expert[y]), n=n * valid)
+    return kl, math.sqrt(se_terms**2 + (1 - valid) / (valid * n))
+
+
 def test_closed_forms_by_hand():
     exact = exact_kls(EXPERT, POLICY)
     forward = 0.6 * math.log(0.6 / 0.2) + 0.3 * math.log(1) + 0.1 * math.log(0.1 / 0.3)
@@ -92,9 +102,10 @@ def test_reverse_kl_invalid_mass_and_entropy_converge():
     h, se_h = moments(POLICY, lambda y: -logp(POLICY, y))
     assert abs(float(entropy.compute()) - h) < 5 * se_h
     # KL of the policy conditioned on the support: {a: .25, b: .375, c: .375} against the expert
+    kl_valid, se_v = conditional_kl(EXPERT, POLICY, N)
     conditioned = {"a": 0.25, "b": 0.375, "c": 0.375}
-    kl_valid = sum(q * math.log(q / EXPERT[y]) for y, q in conditioned.items())
-    assert abs(float(valid_kl.compute()) - kl_valid) < 0.03
+    assert kl_valid == pytest.approx(sum(q * math.log(q / EXPERT[y]) for y, q in conditioned.items()))
+    assert abs(float(valid_kl.compute()) - kl_valid) < 5 * se_v
 
 
 def test_the_floor_is_used_only_outside_the_support():
@@ -128,7 +139,13 @@ POLICIES = {
 }
 
 
-def evaluate(policy, n_prompts=500, k=8, seed=0):
+# every prompt of TASK has the same three distinct answers, so per-sample terms are i.i.d. across
+# prompts: one prompt's distributions give the exact value and the standard error
+PROMPT = "c a b ="
+N_PROMPTS, K = 300, 8
+
+
+def evaluate(policy, n_prompts=N_PROMPTS, k=K, seed=0):
     """Feed the evaluator ``k`` samples per prompt of a hand-built policy with exact log-probs,
     plus one expert sample per prompt scored under the policy (forward KL)."""
     prompts = TASK.prompts(n_prompts, seed=seed)
@@ -155,8 +172,9 @@ def test_the_expert_itself():
     assert out["reverse_kl_valid"] == pytest.approx(0.0, abs=1e-6)
     assert out["invalid_mass"] == 0.0
     assert out["mode_coverage"] == 1.0
-    se = math.sqrt(0.6 * 0.4 / 4000)
-    assert abs(out["mass_copy"] - 0.6) < 5 * se and abs(out["mass_sort"] - 0.1) < 5 * math.sqrt(0.09 / 4000)
+    n = N_PROMPTS * K
+    assert abs(out["mass_copy"] - 0.6) < 5 * math.sqrt(0.6 * 0.4 / n)
+    assert abs(out["mass_sort"] - 0.1) < 5 * math.sqrt(0.1 * 0.9 / n)
 
 
 def test_a_policy_on_one_mode():
@@ -170,12 +188,6 @@ def test_a_policy_on_one_mode():
     assert out["self_bleu"] == pytest.approx(1.0)
     # the expert's reverse / sort answers have probability 0 under this policy: infinite forward KL
     assert math.isinf(out["forward_kl"])
-
-
-# every prompt of TASK has the same three distinct answers, so per-sample terms are i.i.d. across
-# prompts: one prompt's distributions give the exact value and the standard error
-PROMPT = "c a b ="
-N_PROMPTS, K = 500, 8
 
 
 def test_uniform_over_the_modes():
@@ -192,7 +204,7 @@ def test_uniform_over_the_modes():
 
 def test_uniform_over_permutations_leaks_half_its_mass():
     out = evaluate(POLICIES["uniform_permutations"])
-    assert abs(out["invalid_mass"] - 0.5) < 5 * math.sqrt(0.25 / 4000)
+    assert abs(out["invalid_mass"] - 0.5) < 5 * math.sqrt(0.25 / (N_PROMPTS * K))
     # each mode gets 1/6: enough for reverse (≥ 0.15) and sort (≥ 0.05), not for copy (< 0.3)
     assert out["mode_coverage"] == pytest.approx(2 / 3)
     expert, policy = TASK.support(PROMPT), POLICIES["uniform_permutations"](PROMPT)
@@ -200,8 +212,9 @@ def test_uniform_over_permutations_leaks_half_its_mass():
     reverse, se_r = moments(policy, lambda y: logp(policy, y) - max(logp(expert, y), LOG_FLOOR), n=N_PROMPTS * K)
     assert reverse == pytest.approx(exact["reverse_kl"])
     assert abs(out["reverse_kl"] - reverse) < 5 * se_r  # invalid terms log(1/6) − log(1e-6) dominate
-    conditioned = sum((1 / 3) * math.log((1 / 3) / p) for p in TASK.weights.values())
-    assert abs(out["reverse_kl_valid"] - conditioned) < 0.05
+    kl_valid, se_v = conditional_kl(expert, policy, N_PROMPTS * K)
+    assert kl_valid == pytest.approx(sum((1 / 3) * math.log((1 / 3) / p) for p in TASK.weights.values()))
+    assert abs(out["reverse_kl_valid"] - kl_valid) < 5 * se_v
     forward, se_f = moments(expert, lambda y: logp(expert, y) - logp(policy, y), n=N_PROMPTS)
     assert forward == pytest.approx(exact["forward_kl"])
     assert abs(out["forward_kl"] - forward) < 5 * se_f
