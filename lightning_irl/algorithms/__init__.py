@@ -6,3 +6,6 @@ from lightning_irl.algorithms.distill import Distill
 
 __all__ = ["IRLModule", "OptimizerSpec", "SFT"]
 __all__ += ["SPIN", "IQLearn", "Distill"]
+from lightning_irl.algorithms.reward_model import BestOfN, RewardModel  # noqa: E402
+
+__all__ += ["RewardModel", "BestOfN"]

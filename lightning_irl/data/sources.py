@@ -1,0 +1,303 @@
+"""Where a reward model's positive and negative (prompt, response) pairs come from.
+
+A ``SampleSource`` names one side of a classifier's data (Inverse-RLignment, THEORY.md §5):
+
+- ``demonstrations``: the data module's own batch (prompt + expert response);
+- ``policy``: responses sampled from a frozen policy (a folder such as an SFT export, a Hub id,
+  or an inline config) on the *batch's prompts*, with the rollout component;
+- ``file``: (prompt, response) records from a JSONL / JSON / Parquet / CSV file, encoded exactly
+  as demonstrations are (prompt tokens, response tokens, EOS).
+
+Demonstration and policy sides see the same prompts in every step, so the prompt distribution
+cancels out of the classifier's optimum, ``h(x, y) = log p_pos(y|x) − log p_neg(y|x)``. A file
+side is drawn independently of the batch (shuffled, cycled); if its prompts are distributed
+differently from the other side's, the classifier can tell the sides apart by the prompt alone.
+
+The runtime classes (``DemonstrationSide``, ``PolicySide``, ``FileSide``) turn a data-module batch
+into a ``SideBatch``: token ids and attention mask of whole sequences (prompt + response) in the
+classifier's tokenizer, with any padding side, plus the texts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from lightning_irl.data.encode import encode_record, encode_records, EncodeStats
+from lightning_irl.data.records import DataError, load_records, validate_records
+from lightning_irl.models.spec import ModelSpec
+from lightning_irl.rollout import SamplingConfig, sample
+
+log = logging.getLogger(__name__)
+
+KINDS = ("demonstrations", "policy", "file")
+
+
+@dataclass
+class SampleSource:
+    """One side (positive or negative) of a reward model's training data.
+
+    Args:
+        kind: ``demonstrations``, ``policy`` or ``file``. Default: ``policy`` when ``policy`` is
+            given, ``file`` when ``file`` is given, else ``demonstrations``.
+        policy: The policy to sample (``kind: policy``), e.g.
+            ``{model_name_or_path: checkpoints/quickstart/version_0/export}``. Frozen, eval mode.
+        file: Records with a prompt and a response (``kind: file``).
+        val_file: Held-out records of a ``file`` side. Without one, ``val_fraction`` of ``file``
+            (seeded split) is held out for validation / test.
+        prompt_field: Field of the prompt in ``file`` records.
+        response_field: Field of the response in ``file`` records.
+        val_fraction: Share of ``file`` records held out when there is no ``val_file``.
+        seed: Seed of the ``file`` split and shuffling.
+        sampling: Sampling of a ``policy`` side (default: the module's ``sampling``);
+            ``num_samples`` responses per prompt.
+        retokenize: Decode a policy's samples and re-encode (prompt, response) text with the
+            classifier's tokenizer exactly as demonstrations are encoded, so that a non-canonical
+            sub-word spelling cannot give the side away. Always on when the policy's tokenizer
+            differs from the classifier's.
+        max_length: Longest ``file`` record in classifier tokens (longer responses are cut).
+    """
+
+    kind: Optional[str] = None
+    policy: Optional[ModelSpec] = None
+    file: Optional[str] = None
+    val_file: Optional[str] = None
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    val_fraction: float = 0.1
+    seed: int = 0
+    sampling: Optional[SamplingConfig] = None
+    retokenize: bool = False
+    max_length: Optional[int] = 1024
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            self.kind = "policy" if self.policy is not None else "file" if self.file is not None else "demonstrations"
+        if self.kind not in KINDS:
+            raise ValueError(f"sample source kind {self.kind!r} is not one of {KINDS}")
+        if self.kind == "policy" and self.policy is None:
+            raise ValueError("a `policy` sample source needs `policy:` (a folder, Hub id or inline config)")
+        if self.kind == "file" and self.file is None:
+            raise ValueError("a `file` sample source needs `file:` (JSONL/JSON/Parquet/CSV of prompt, response)")
+        if self.kind != "policy" and self.policy is not None:
+            raise ValueError(f"a {self.kind!r} sample source takes no `policy:`")
+        if self.kind != "file" and (self.file is not None or self.val_file is not None):
+            raise ValueError(f"a {self.kind!r} sample source takes no `file:` / `val_file:`")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be in [0, 1)")
+
+    def describe(self) -> str:
+        if self.kind == "policy":
+            assert self.policy is not None
+            return f"policy:{self.policy.model_name_or_path or 'inline config'}"
+        if self.kind == "file":
+            return f"file:{self.file}"
+        return "demonstrations"
+
+
+@dataclass
+class SideBatch:
+    """Whole sequences of one side: ``input_ids``/``attention_mask`` [N, T] (any padding side)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompts: List[str]
+    responses: List[str]
+
+    def __len__(self) -> int:
+        return self.input_ids.size(0)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+def right_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> Dict[str, torch.Tensor]:
+    width = max(max((len(r) for r in rows), default=1), 1)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def row_chunks(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               size: Optional[int]) -> Iterator[Dict[str, torch.Tensor]]:
+    """Row slices of at most ``size`` rows, each cut after its last attended column (right for
+    either padding side: a rollout's prompt is left-padded, its response right-padded)."""
+    rows = input_ids.size(0)
+    step = size or max(rows, 1)
+    for start in range(0, rows, step):
+        ids, mask = input_ids[start : start + step], attention_mask[start : start + step]
+        columns = mask.bool().any(0).nonzero()
+        width = int(columns[-1]) + 1 if columns.numel() else 1
+        yield {"input_ids": ids[:, :width], "attention_mask": mask[:, :width]}
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                 finished: Optional[Sequence[bool]] = None, max_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """(prompt, response) texts → right-padded ids encoded as demonstrations are (prompt tokens,
+    response tokens, EOS). ``finished[i] = False`` leaves the EOS off (a response cut at the
+    length cap). An empty response is the prompt followed by EOS alone."""
+    rows = []
+    stats = EncodeStats()
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        example = encode_record({"prompt": prompt, "response": response, "where": f"pair {i}"}, tokenizer,
+                                max_length, None, "truncate", stats) if response.strip() else None
+        if example is None:  # empty response: prompt + EOS
+            ids = encode_record({"prompt": prompt, "where": f"pair {i}"}, tokenizer, None, None, "truncate",
+                                stats)["input_ids"] + [tokenizer.eos_token_id]
+        else:
+            ids = example["input_ids"]
+        if finished is not None and not finished[i] and ids and ids[-1] == tokenizer.eos_token_id:
+            ids = ids[:-1]
+        rows.append(ids)
+    return right_pad(rows, tokenizer.pad_token_id)
+
+
+def same_vocabulary(a, b) -> bool:
+    return a is b or (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id)
+
+
+def left_pad_prompts(tokenizer, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
+    rows = [encode_record({"prompt": p, "where": f"prompt {i}"}, tokenizer, None, None, "truncate",
+                          EncodeStats())["input_ids"] for i, p in enumerate(prompts)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# ---- runtime sides -------------------------------------------------------------------------
+class Side:
+    """Turns a data-module batch into this side's sequences. ``stage``: train / val / test / predict."""
+
+    source: SampleSource
+
+    def start(self, stage: str) -> None:
+        """Called at the start of an evaluation epoch."""
+
+    def draw(self, batch: Dict[str, Any], stage: str) -> Optional[SideBatch]:
+        raise NotImplementedError
+
+    def rest(self, stage: str, batch_size: int) -> Iterator[SideBatch]:
+        """Held-out sequences not drawn during an evaluation epoch (file sides)."""
+        return iter(())
+
+
+class DemonstrationSide(Side):
+    def __init__(self, source: SampleSource) -> None:
+        self.source = source
+
+    def draw(self, batch: Dict[str, Any], stage: str) -> SideBatch:
+        return SideBatch(batch["input_ids"], batch["attention_mask"], list(batch["prompt"]), list(batch["response"]))
+
+
+class PolicySide(Side):
+    """Samples ``sampling.num_samples`` responses per batch prompt from a frozen policy."""
+
+    def __init__(self, source: SampleSource, model: torch.nn.Module, policy_tokenizer, tokenizer,
+                 sampling: SamplingConfig) -> None:
+        self.source = source
+        self.model = model
+        self.policy_tokenizer = policy_tokenizer
+        self.tokenizer = tokenizer
+        self.sampling = source.sampling or sampling
+        self.shared_vocabulary = same_vocabulary(policy_tokenizer, tokenizer)
+        self.retokenize = source.retokenize or not self.shared_vocabulary
+
+    def draw(self, batch: Dict[str, Any], stage: str) -> SideBatch:
+        device = batch["input_ids"].device
+        if self.shared_vocabulary:
+            ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        else:
+            prompts = left_pad_prompts(self.policy_tokenizer, batch["prompt"])
+            ids, mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
+        rollout = sample(self.model, self.policy_tokenizer, ids, mask, self.sampling, compute_logprobs=False)
+        k = self.sampling.num_samples
+        prompts = [p for p in batch["prompt"] for _ in range(k)]
+        if not self.retokenize:
+            return SideBatch(rollout.input_ids, rollout.attention_mask, prompts, rollout.responses)
+        encoded = encode_pairs(self.tokenizer, prompts, rollout.responses, rollout.finished.tolist())
+        return SideBatch(encoded["input_ids"].to(device), encoded["attention_mask"].to(device), prompts,
+                         rollout.responses)
+
+
+class FileSide(Side):
+    """Records of a file, shuffled and cycled for training; the held-out part, sharded over
+    ranks, once per evaluation epoch."""
+
+    def __init__(self, source: SampleSource, tokenizer, rank: int = 0, world_size: int = 1) -> None:
+        self.source = source
+        self.tokenizer = tokenizer
+        fields = dict(prompt_field=source.prompt_field, response_field=source.response_field,
+                      messages_field="messages", require_response=True)
+        records = validate_records(load_records(source.file), **fields)
+        train = self._encode(records, source.file)
+        if source.val_file is not None:
+            val = self._encode(validate_records(load_records(source.val_file), **fields), source.val_file)
+        else:
+            order = list(range(len(train)))
+            random.Random(source.seed).shuffle(order)
+            n_val = int(round(len(train) * source.val_fraction))
+            held = set(order[:n_val])
+            val = [train[i] for i in sorted(held)]
+            train = [e for i, e in enumerate(train) if i not in held]
+        if not train:
+            raise DataError(f"{source.file}: no training records left after holding out {len(val)}")
+        if not val:
+            log.warning("sample source %s has no held-out records: validation sees one side only", source.describe())
+        self.train = train
+        self.val = val[rank::world_size]
+        self._rng = random.Random(source.seed * 7919 + rank)
+        self._order: List[int] = []
+        self._eval_cursor = 0
+
+    def _encode(self, records, name: str):
+        examples, stats = encode_records(records, self.tokenizer, self.source.max_length, None, "truncate")
+        if not examples:
+            raise DataError(f"{name}: every record was dropped ({stats.as_dict()})")
+        if stats.truncated_response or stats.dropped_empty_response:
+            log.warning("%s: truncated %d response(s), dropped %d empty one(s)", name, stats.truncated_response,
+                        stats.dropped_empty_response)
+        return examples
+
+    def _collate(self, examples, device) -> SideBatch:
+        padded = right_pad([e["input_ids"] for e in examples], self.tokenizer.pad_token_id)
+        return SideBatch(padded["input_ids"].to(device), padded["attention_mask"].to(device),
+                         [e["prompt"] for e in examples], [e["response"] for e in examples])
+
+    def start(self, stage: str) -> None:
+        self._eval_cursor = 0
+
+    def draw(self, batch: Dict[str, Any], stage: str) -> Optional[SideBatch]:
+        n = len(batch["prompt"])
+        device = batch["input_ids"].device
+        if stage == "train":
+            picked = []
+            while len(picked) < n:
+                if not self._order:
+                    self._order = list(range(len(self.train)))
+                    self._rng.shuffle(self._order)
+                picked.append(self.train[self._order.pop()])
+            return self._collate(picked, device)
+        picked = self.val[self._eval_cursor : self._eval_cursor + n]
+        self._eval_cursor += len(picked)
+        return self._collate(picked, device) if picked else None
+
+    def rest(self, stage: str, batch_size: int) -> Iterator[SideBatch]:
+        while self._eval_cursor < len(self.val):
+            picked = self.val[self._eval_cursor : self._eval_cursor + batch_size]
+            self._eval_cursor += len(picked)
+            yield self._collate(picked, torch.device("cpu"))
+
+
+def with_samples(config: SamplingConfig, n: int) -> SamplingConfig:
+    return replace(config, num_samples=n)
