@@ -1,0 +1,100 @@
+"""Shared pieces of the scaling benchmarks: a synthetic demonstration set with a real vocabulary
+size and varied lengths, the model configs, and timing callbacks. Not a benchmark itself."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from typing import Any, Dict, List, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from lightning_irl.models.tokenizers import word_level_tokenizer  # noqa: E402
+
+VOCAB = 4096
+
+# ~5M parameters with a 4096-word vocabulary: compute-bound steps of 0.1-1 s on 2 CPU cores.
+SMALL_LLAMA = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
+
+
+def make_dataset(folder: str, n: int, min_len: int = 16, max_len: int = 256, seed: int = 0,
+                 prompt_share: float = 0.3, vocab: int = VOCAB) -> Dict[str, Any]:
+    """Write ``train.jsonl`` and a word-level tokenizer (``vocab`` ids) into ``folder``.
+
+    Total lengths are log-uniform in [min_len, max_len] tokens (EOS included), split into a prompt
+    (``prompt_share``) and a response: a spread like instruction data, where padding matters.
+    """
+    os.makedirs(folder, exist_ok=True)
+    words = [f"w{i}" for i in range(vocab - 3)]
+    tokenizer = word_level_tokenizer(words)
+    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    rng = random.Random(seed)
+    lengths = []
+    with open(os.path.join(folder, "train.jsonl"), "w") as f:
+        for _ in range(n):
+            total = int(round(math.exp(rng.uniform(math.log(min_len), math.log(max_len)))))
+            prompt_len = max(1, int(total * prompt_share))
+            response_len = max(1, total - prompt_len - 1)
+            prompt = " ".join(rng.choice(words) for _ in range(prompt_len))
+            response = " ".join(rng.choice(words) for _ in range(response_len))
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+            lengths.append(prompt_len + response_len + 1)
+    return {"train_file": os.path.join(folder, "train.jsonl"), "tokenizer": os.path.join(folder, "tokenizer"),
+            "lengths": lengths}
+
+
+class StepTimer(L.Callback):
+    """Wall time and non-pad tokens of every training step after ``warmup`` steps.
+
+    Time runs from the end of step ``warmup`` to the end of the last step, so it includes data
+    loading, the optimizer and every hook: what a user waits for.
+    """
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start: Optional[float] = None
+        self.end: Optional[float] = None
+        self.tokens = 0
+        self.cells = 0
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if batch_idx + 1 == self.warmup:
+            self.start = now
+        elif batch_idx + 1 > self.warmup:
+            self.tokens += int(batch["attention_mask"].sum())
+            self.cells += batch["attention_mask"].numel()
+            self.steps += 1
+            self.end = now
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / (self.end - self.start)
+
+    @property
+    def pad_share(self) -> float:
+        return 1.0 - self.tokens / max(self.cells, 1)
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                    num_sanity_val_steps=0)
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def median(values: List[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])

@@ -1,0 +1,113 @@
+"""Padding: random batches vs length grouping vs packing — pad share and SFT tokens/s, side by side.
+
+    HF_HUB_OFFLINE=1 python benchmarks/packing.py                   # ~4 min on 2 CPU cores
+
+Same model and data as ``sft_throughput.py`` (lengths log-uniform in 16-256 tokens, so random
+batches are mostly padding). Variants, all ``lightning_irl`` SFT with the same examples per step
+count and batch size:
+
+- ``random``:  shuffled batches, padded to the longest example (the default);
+- ``grouped``: ``data.group_by_length`` (similar lengths in a batch, batches in random order);
+- ``packed``:  ``data.packing`` with ``pack_length = max_length`` (rows of several examples,
+  position ids restarting per example, block-causal attention);
+- ``packed_grouped``: both.
+
+Packed batches need the loss call without an attention mask (``PackedDemonstrationCollator``);
+until the base loss path forwards ``position_ids`` this benchmark uses ``PackedSFT`` below, whose
+``nll_backward`` does exactly that (and declares ``supports_packing``).
+
+Reported: pad share of the [rows x width] cells actually computed, non-pad tokens/s, and each
+variant's tokens/s relative to ``random`` (median over ``--repeats`` rounds, rotating order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Any, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _scale_common import SMALL_LLAMA, StepTimer, make_dataset, median, quiet_trainer  # noqa: E402
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lightning_irl.algorithms import SFT, OptimizerSpec  # noqa: E402
+from lightning_irl.data import DemonstrationDataModule  # noqa: E402
+from lightning_irl.models.spec import ModelSpec  # noqa: E402
+from lightning_irl.objectives.logprobs import token_nll_sum  # noqa: E402
+
+
+class PackedSFT(SFT):
+    """SFT whose loss call honours packed batches (``position_ids``, no attention mask)."""
+
+    supports_packing = True
+
+    def nll_backward(self, batch: Dict[str, Any], scale: float = 1.0) -> torch.Tensor:
+        if "position_ids" not in batch:
+            return super().nll_backward(batch, scale)
+        world = self.trainer.world_size
+        global_tokens = self.global_sum(batch["loss_mask"][:, 1:].sum().float()).clamp(min=1)
+        logits = self.policy(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                             use_cache=False).logits[:, :-1]
+        logps = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch["input_ids"][:, 1:].reshape(-1),
+                                 reduction="none").view(logits.shape[:2])
+        loss = token_nll_sum(logps, batch["loss_mask"][:, 1:]) * world / global_tokens
+        self.manual_backward(loss * scale)
+        return loss.detach() / world
+
+
+VARIANTS = {
+    "random": dict(),
+    "grouped": dict(group_by_length=True),
+    "packed": dict(packing=True),
+    "packed_grouped": dict(packing=True, group_by_length=True),
+}
+
+
+def run(ds, name: str, args) -> Dict[str, float]:
+    L.seed_everything(0)
+    module = PackedSFT(policy=ModelSpec(config=dict(SMALL_LLAMA), tokenizer=ds["tokenizer"], seed=0),
+                       optimizer=OptimizerSpec(lr=1e-4, schedule="constant_with_warmup"), export=False)
+    data = DemonstrationDataModule(train_file=ds["train_file"], batch_size=args.batch_size,
+                                   max_length=args.max_length, **VARIANTS[name])
+    timer = StepTimer(args.warmup)
+    trainer = quiet_trainer(max_steps=args.warmup + args.steps, precision=args.precision, callbacks=[timer])
+    trainer.fit(module, datamodule=data)
+    return {"tokens_per_sec": timer.tokens_per_sec, "pad_share": timer.pad_share}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    ds = make_dataset(tempfile.mkdtemp(prefix="packing_bench_"), n=2000, max_len=args.max_length)
+    names = list(VARIANTS)
+    rounds: List[Dict[str, Dict[str, float]]] = []
+    for r in range(args.repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        result = {name: run(ds, name, args) for name in order}
+        rounds.append(result)
+        print(f"round {r}: " + ", ".join(f"{n} {result[n]['tokens_per_sec']:.0f} tok/s "
+                                          f"(pad {result[n]['pad_share']:.0%})" for n in names), flush=True)
+    print(f"\nSFT, batch {args.batch_size} examples/step, max_length {args.max_length}, precision {args.precision}, "
+          f"{args.steps} steps after {args.warmup} warmup, {args.repeats} rounds")
+    print(f"  {'variant':16s} {'pad share':>9s} {'tokens/s':>9s} {'vs random':>9s}")
+    for name in names:
+        pad = median([r[name]["pad_share"] for r in rounds])
+        tps = median([r[name]["tokens_per_sec"] for r in rounds])
+        ratio = median([r[name]["tokens_per_sec"] / r["random"]["tokens_per_sec"] for r in rounds])
+        print(f"  {name:16s} {pad:9.1%} {tps:9.0f} {ratio:9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
