@@ -102,7 +102,8 @@ def ppo_clip_loss(
     """PPO-clip: ``max(−ρ A, −clip(ρ, 1 − ε, 1 + ε) A)`` = ``−min(ρ A, clip(ρ) A)``.
 
     ``level="token"``: ``ρ_t = exp(logp_new_t − logp_old_t)`` per token of [B, T] arrays, the
-    sequence advantage ``A_b`` broadcast over its tokens, loss = masked mean over all tokens.
+    sequence advantage ``A_b`` broadcast over its tokens (or per-token advantages ``A_{b,t}``
+    given as [B, T], e.g. reward-to-go), loss = masked mean over all tokens.
     ``level="sequence"``: ``ρ_b = exp(Σ_t logp_new − Σ_t logp_old)`` over response tokens (or
     [B] sequence log-probs with ``mask=None``), loss = mean over sequences.
 
@@ -122,10 +123,11 @@ def ppo_clip_loss(
                 f"logp_new {tuple(logp_new.shape)}, logp_old {tuple(logp_old.shape)} and "
                 f"mask {tuple(mask.shape)} must match"
             )
-        if advantages.shape != logp_new.shape[:1]:
-            raise ValueError(f"advantages must be [B]; got {tuple(advantages.shape)}")
+        if advantages.shape == logp_new.shape[:1]:
+            advantages = advantages.unsqueeze(-1)  # one advantage per sequence, on every token
+        elif advantages.shape != logp_new.shape:
+            raise ValueError(f"advantages must be [B] or [B, T]; got {tuple(advantages.shape)}")
         log_ratio = logp_new - logp_old
-        advantages = advantages.unsqueeze(-1)
         unit_mask = mask
     elif level == "sequence":
         log_ratio = _sequence_logps(logp_new, mask) - _sequence_logps(logp_old, mask)

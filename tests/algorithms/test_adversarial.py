@@ -1,0 +1,335 @@
+"""Adversarial IRL (AIRL / GAIL): CLI runs, exact resume, the discriminator's read position, the
+token/sequence reward identity, normalisation, and the direction of a policy step."""
+
+import copy
+import dataclasses
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_irl.algorithms import Adversarial, OptimizerSpec
+from lightning_irl.algorithms.adversarial import bce_sums, positionwise_rloo, reward_to_go, row_chunks
+from lightning_irl.cli import build_cli
+from lightning_irl.data import DemonstrationDataModule
+from lightning_irl.data.collate import DemonstrationCollator
+from lightning_irl.models.discriminator import build_discriminator, last_token_index, prefix_logits, sequence_logits
+from lightning_irl.models.spec import ModelSpec
+from lightning_irl.objectives.divergences import bce_discriminator_loss, divergence_reward
+from lightning_irl.objectives.policy_gradient import rloo_advantages
+from lightning_irl.rollout import SamplingConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLI = os.path.join(os.path.dirname(sys.executable), "lightning_irl")
+AIRL = os.path.join(REPO, "configs", "airl.yaml")
+GAIL = os.path.join(REPO, "configs", "gail.yaml")
+TINY = ["--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+        "--data.init_args.num_train", "16", "--data.init_args.num_val", "8", "--data.init_args.batch_size", "4",
+        "--model.init_args.evaluation.num_prompts", "4"]
+
+
+def _module(tiny_spec, **kwargs):
+    defaults = dict(policy=tiny_spec, discriminator=dataclasses.replace(tiny_spec, seed=1), num_samples=4,
+                    sampling=SamplingConfig(max_new_tokens=6), export=False, max_grad_norm=None)
+    module = Adversarial(**{**defaults, **kwargs})
+    module.configure_model()
+    return module
+
+
+def _batch(module, n=4, seed=0):
+    data = DemonstrationDataModule(task="modes", num_train=n, num_val=0, batch_size=n, task_seed=seed)
+    data.set_tokenizer(module.tokenizer)
+    data.setup("fit")
+    return DemonstrationCollator(module.tokenizer.pad_token_id)(data.datasets["train"])
+
+
+def _trainer(max_steps, callbacks=(), **kwargs):
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     limit_val_batches=0, callbacks=list(callbacks), **kwargs)
+
+
+# ---- the shipped configs, through the CLI ---------------------------------------------------
+@pytest.mark.slow
+def test_airl_config_runs_in_process_and_logs_its_metrics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY])
+    assert cli.trainer.global_step == 2
+    logged = set(cli.trainer.callback_metrics)
+    for name in ("disc/loss", "disc/acc_expert", "disc/acc_policy", "reward/mean", "reward/std", "kl/ref",
+                 "policy/loss", "policy/entropy", "val/loss"):
+        assert name in logged, (name, sorted(logged))
+    run = tmp_path / "checkpoints" / "airl" / "version_0"
+    assert (run / "last.ckpt").exists()
+    assert (run / "export" / "model.safetensors").exists()
+    assert (run / "export_discriminator" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_gail_config_runs_through_the_console_script_with_token_level_ppo(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([CLI, "fit", "--config", GAIL, "--trainer.max_steps", "2", *TINY,
+                           "--model.init_args.discriminator_level", "token", "--model.init_args.policy_loss", "ppo",
+                           "--model.init_args.r1_gamma", "1.0", "--model.init_args.sft_weight", "0.1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "gail" / "version_0" / "last.ckpt").exists()
+
+
+# ---- resume -------------------------------------------------------------------------------
+class _CompareOnResume(L.Callback):
+    """Before the first step after a resume: everything equals the checkpoint."""
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+        self.checked = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.checked:
+            return
+        self.checked = True
+        ckpt = self.checkpoint
+        assert trainer.global_step == ckpt["global_step"] == 2
+        state = pl_module.state_dict()
+        for name in ("policy.", "discriminator.", "reference."):
+            keys = [k for k in ckpt["state_dict"] if k.startswith(name)]
+            assert keys, name
+            for key in keys:
+                torch.testing.assert_close(state[key], ckpt["state_dict"][key], rtol=0, atol=0)
+        assert len(trainer.optimizers) == 2
+        for optimizer, saved in zip(trainer.optimizers, ckpt["optimizer_states"]):
+            restored = optimizer.state_dict()
+            assert restored["state"].keys() == saved["state"].keys() and restored["state"]
+            for index, values in saved["state"].items():
+                for key, value in values.items():
+                    torch.testing.assert_close(restored["state"][index][key], value, rtol=0, atol=0)
+        for config, saved in zip(trainer.lr_scheduler_configs, ckpt["lr_schedulers"]):
+            assert config.scheduler.state_dict() == saved
+
+
+@pytest.mark.slow
+def test_resume_restores_models_both_optimizers_and_the_step_count(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # PPO 2 epochs x 2 minibatches and 2 discriminator steps: 4 + 2 optimizer steps per batch,
+    # yet global_step counts batches.
+    extra = ["--model.init_args.policy_loss", "ppo", "--model.init_args.ppo_epochs", "2",
+             "--model.init_args.ppo_minibatches", "2", "--model.init_args.disc_steps", "2",
+             "--model.init_args.evaluation.enabled", "false", "--model.init_args.export", "false"]
+    first = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY, *extra])
+    assert first.trainer.global_step == 2
+    ckpt_path = tmp_path / "checkpoints" / "airl" / "version_0" / "last.ckpt"
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    policy_opt, disc_opt = checkpoint["optimizer_states"]
+    assert int(next(iter(policy_opt["state"].values()))["step"]) == 2 * 4
+    assert int(next(iter(disc_opt["state"].values()))["step"]) == 2 * 2
+    # the comparison bites: a fresh module differs from the checkpoint
+    fresh = build_cli(["--config", AIRL, *TINY, *extra], run=False).model
+    fresh.configure_model()
+    assert any(not torch.equal(v, checkpoint["state_dict"][k]) for k, v in fresh.state_dict().items()
+               if k.startswith("policy."))
+    assert any(not torch.equal(v, checkpoint["state_dict"][k]) for k, v in fresh.state_dict().items()
+               if k.startswith("discriminator."))
+
+    second = build_cli(["--config", AIRL, "--trainer.max_steps", "3", *TINY, *extra], run=False)
+    compare = _CompareOnResume(checkpoint)
+    second.trainer.callbacks.append(compare)
+    second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=str(ckpt_path))
+    assert compare.checked and second.trainer.global_step == 3
+
+
+# ---- the discriminator's read position ------------------------------------------------------
+def test_sequence_logit_is_read_at_the_last_real_token_for_both_padding_sides_and_pad_eq_eos(tiny_spec):
+    tokenizer = copy.deepcopy(tiny_spec.load_tokenizer())
+    tokenizer.pad_token = tokenizer.eos_token  # pad == eos: transformers' own pooling goes wrong
+    eos = tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == eos
+    classifier = tiny_spec.build_sequence_classifier(tokenizer, num_labels=1).eval()
+    classifier.config.pad_token_id = eos
+    rows = [[5, 6, 7, 4, eos], [8, 3, eos], [4, 5, 6, 7, 8, 3]]  # finished, finished, truncated (no EOS)
+    width = max(map(len, rows))
+
+    def padded(left):
+        ids = torch.full((len(rows), width), eos)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            cols = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, cols], mask[i, cols] = torch.tensor(row), 1
+        return ids, mask
+
+    with torch.no_grad():
+        # reference: each row alone, unpadded, the head applied to the backbone's last hidden state
+        alone = torch.stack([classifier.score(classifier.model(torch.tensor([row])).last_hidden_state)[0, -1, 0]
+                             for row in rows])
+        for left in (False, True):
+            ids, mask = padded(left)
+            torch.testing.assert_close(last_token_index(mask), torch.tensor([width - 1 if left else len(r) - 1
+                                                                             for r in rows]))
+            torch.testing.assert_close(sequence_logits(classifier, ids, mask), alone, rtol=1e-4, atol=1e-5)
+        # the trap this avoids: transformers' pooled logit skips the final EOS when pad == eos
+        ids, mask = padded(False)
+        pooled = classifier(input_ids=ids, attention_mask=mask).logits[:, 0]
+        assert not torch.allclose(pooled[:2], alone[:2], atol=1e-4)
+
+
+def test_discriminator_needs_the_policy_vocabulary(tiny_spec, tokenizer):
+    small = dataclasses.replace(tiny_spec, config={**tiny_spec.config, "vocab_size": 4})
+    with pytest.raises(ValueError, match="vocabulary"):
+        build_discriminator(small, tokenizer)
+
+
+# ---- rewards --------------------------------------------------------------------------------
+@pytest.mark.parametrize("divergence", ["reverse_kl", "js", "forward_kl"])
+def test_token_rewards_sum_to_the_sequence_reward_in_the_pipeline(tiny_spec, divergence):
+    token = _module(tiny_spec, divergence=divergence, discriminator_level="token", log_ratio_clip=3.0, kl_coef=0.1)
+    sequence = _module(tiny_spec, divergence=divergence, discriminator_level="sequence", log_ratio_clip=3.0,
+                       kl_coef=0.1)
+    sequence.discriminator.load_state_dict(token.discriminator.state_dict())
+    with torch.no_grad():  # make the logits spread so the clip and the nonlinearity matter
+        token.discriminator.score.weight.mul_(300.0)
+        sequence.discriminator.score.weight.mul_(300.0)
+    batch = _batch(token)
+    rollout = token.sample_rollout(batch)
+    rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "loss_mask": rollout.loss_mask}
+    mask = rollout.loss_mask[:, 1:]
+    scores = token.score_rollout(rows)
+    seq_scores = sequence.score_rollout(rows)
+    assert scores.token_rewards is not None and seq_scores.token_rewards is None
+    assert scores.logits.abs().max() > 3.0  # the clip binds somewhere
+    torch.testing.assert_close(scores.token_rewards.sum(-1), scores.sequence_reward, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seq_scores.sequence_reward, scores.sequence_reward, rtol=1e-5, atol=1e-5)
+    direct = divergence_reward(divergence, sequence_logits(sequence.discriminator, rows["input_ids"],
+                                                           rows["attention_mask"]), 3.0)
+    torch.testing.assert_close(seq_scores.sequence_reward, direct, rtol=1e-5, atol=1e-5)
+    # advantages: the first response token gets exactly RLOO of the (KL-shaped) sequence reward
+    kl = torch.rand(mask.shape) * mask
+    adv_token = token.advantages(scores, kl, mask)
+    adv_seq = sequence.advantages(seq_scores, kl, mask)
+    first = mask.float().argmax(-1, keepdim=True)
+    torch.testing.assert_close(adv_token.gather(1, first), adv_seq.gather(1, first), rtol=1e-5, atol=1e-5)
+    shaped = scores.sequence_reward - 0.1 * kl.sum(-1)
+    torch.testing.assert_close(adv_seq.gather(1, first).squeeze(1), rloo_advantages(shaped, 4), rtol=1e-5, atol=1e-5)
+    assert torch.all(adv_token[mask == 0] == 0) and torch.all(adv_seq[mask == 0] == 0)
+
+
+def test_reward_to_go_and_positionwise_rloo_match_loops():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(6, 5, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1],
+                         [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    returns = reward_to_go(rewards, mask)
+    for b in range(6):
+        for t in range(5):
+            expected = sum(rewards[b, s] for s in range(t, 5) if mask[b, s]) if mask[b, t] else 0.0
+            assert abs(float(returns[b, t]) - float(expected)) < 1e-5
+    adv = positionwise_rloo(returns, 3)
+    for b in range(6):
+        group = range(b // 3 * 3, b // 3 * 3 + 3)
+        for t in range(5):
+            others = [float(returns[j, t]) for j in group if j != b]
+            assert abs(float(adv[b, t]) - (float(returns[b, t]) - sum(others) / 2)) < 1e-5
+
+
+def test_row_chunks_keep_left_padded_rollouts_whole():
+    ids = torch.tensor([[0, 0, 5, 6, 1, 0], [0, 4, 5, 6, 7, 1], [0, 0, 5, 1, 0, 0]])
+    mask = (ids != 0).long()
+    shifted = torch.arange(15.0).reshape(3, 5)
+    chunks = list(row_chunks({"input_ids": ids, "attention_mask": mask, "logps": shifted}, 2))
+    assert [c["input_ids"].shape[1] for c in chunks] == [6, 4]
+    assert [c["logps"].shape[1] for c in chunks] == [5, 3]
+    assert torch.equal(chunks[1]["logps"], shifted[2:, :3])
+
+
+def test_discriminator_loss_is_the_bce_loss_and_micro_batching_gives_the_same_gradient(tiny_spec):
+    def grads(micro):
+        module = _module(tiny_spec, micro_batch_size=micro, label_smoothing=0.1)
+        module.manual_backward = lambda loss: loss.backward()  # no trainer attached
+        module.global_sum = lambda value: value
+        batch = _batch(module, n=6)
+        expert = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+        torch.manual_seed(3)
+        rollout = module.sample_rollout(batch)
+        policy = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+                  "loss_mask": rollout.loss_mask}
+        module.discriminator.zero_grad()
+        loss, _, e_logits, p_logits = module.discriminator_backward(expert, policy)
+        torch.testing.assert_close(loss, bce_discriminator_loss(e_logits, p_logits, 0.1), rtol=1e-5, atol=1e-6)
+        return {n: p.grad.clone() for n, p in module.discriminator.named_parameters()}
+
+    full, micro = grads(None), grads(4)
+    for name in full:
+        torch.testing.assert_close(micro[name], full[name], rtol=1e-4, atol=1e-6)
+    logits = torch.tensor([0.5, -1.0])
+    assert torch.isclose(bce_sums(logits, 1.0) / 2, bce_discriminator_loss(logits, torch.full((1,), -1e4)))
+
+
+# ---- the policy step moves toward higher reward -----------------------------------------------
+class _FixedReward:
+    """Reward 1 for responses whose first token is ``a``, else 0 (replaces the discriminator)."""
+
+    def __init__(self, module, token_id, level):
+        self.module, self.token_id, self.level = module, token_id, level
+
+    def __call__(self, rows):
+        from lightning_irl.algorithms.adversarial import RolloutScores
+
+        mask = rows["loss_mask"][:, 1:]
+        first = mask.float().argmax(-1, keepdim=True)
+        reward = (rows["input_ids"][:, 1:].gather(1, first).squeeze(1) == self.token_id).float()
+        token_rewards = None
+        if self.level == "token":  # the whole reward at the first response token
+            token_rewards = torch.zeros(mask.shape).scatter(1, first, reward.unsqueeze(1))
+        return RolloutScores(reward, token_rewards, reward)
+
+
+def _p_first_token(module, batch, token_id):
+    with torch.no_grad():
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        from lightning_irl.objectives.logprobs import position_ids_from_mask
+
+        logits = module.policy(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        return torch.softmax(logits[:, -1].float(), -1)[:, token_id].mean()
+
+
+@pytest.mark.parametrize("policy_loss,level", [("rloo", "sequence"), ("ppo", "sequence"), ("ppo", "token"),
+                                               ("rloo", "token")])
+def test_one_policy_step_with_a_fixed_reward_moves_toward_the_rewarded_samples(tiny_spec, policy_loss, level):
+    L.seed_everything(0)
+    module = _module(tiny_spec, policy_loss=policy_loss, discriminator_level=level, kl_coef=0.0, num_samples=8,
+                     ppo_epochs=1, ppo_minibatches=1, optimizer=OptimizerSpec(lr=3e-3, schedule="constant"))
+    token_id = module.tokenizer.convert_tokens_to_ids("a")
+    module.score_rollout = _FixedReward(module, token_id, level)
+    data = DemonstrationDataModule(task="modes", num_train=16, num_val=0, batch_size=16)
+    data.set_tokenizer(module.tokenizer)
+    data.setup("fit")
+    batch = DemonstrationCollator(module.tokenizer.pad_token_id)(data.datasets["train"])
+    before = _p_first_token(module, batch, token_id)
+    trainer = _trainer(1)
+    trainer.fit(module, datamodule=data)
+    after = _p_first_token(module, batch, token_id)
+    assert trainer.global_step == 1
+    assert after > before * 1.05, (float(before), float(after))
+
+
+def test_ppo_clip_loss_takes_per_token_advantages():
+    """The extension used by token-level discriminators: [B, T] advantages at level="token"."""
+    from lightning_irl.objectives.policy_gradient import ppo_clip_loss
+
+    g = torch.Generator().manual_seed(0)
+    logp_old = -torch.rand(3, 4, generator=g)
+    logp_new = (logp_old + 0.3 * torch.randn(3, 4, generator=g)).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    seq_adv = torch.tensor([1.0, -2.0, 0.5])
+    broadcast = ppo_clip_loss(logp_new, logp_old, seq_adv, mask, 0.2, "token")
+    per_token = ppo_clip_loss(logp_new, logp_old, seq_adv.unsqueeze(1).expand(3, 4), mask, 0.2, "token")
+    torch.testing.assert_close(per_token.loss, broadcast.loss)
+    adv = torch.randn(3, 4, generator=g)
+    out = ppo_clip_loss(logp_new, logp_old, adv, mask, 0.2, "token")
+    terms = [max(-r * a, -min(max(r, 0.8), 1.2) * a)
+             for r, a, m in zip((logp_new - logp_old).exp().flatten().tolist(), adv.flatten().tolist(),
+                                mask.flatten().tolist()) if m]
+    assert abs(float(out.loss) - sum(terms) / len(terms)) < 1e-6
+    with pytest.raises(ValueError, match=r"\[B\] or \[B, T\]"):
+        ppo_clip_loss(logp_new, logp_old, torch.zeros(3, 2), mask, 0.2, "token")
