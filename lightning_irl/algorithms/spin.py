@@ -75,7 +75,11 @@ class SPIN(IRLModule):
 
     Args:
         policy: The model being trained; usually an SFT export (``model_name_or_path: <folder>``).
-        beta: β of the implicit reward ``β·(log π_θ − log π_t)``.
+        beta: β of the implicit reward ``β·(log π_θ − log π_t)``. The logistic loss is minimised
+            over all distributions when ``β·log(π/π_t)`` is the log-odds ``log(p_E/π_t) + c`` of
+            telling demonstrations from opponent samples, i.e. ``π_{t+1} ∝ π_t·(p_E/π_t)^{1/β}``:
+            β = 1 aims at the expert, β < 1 overshoots (0.1, the DPO habit, raises the ratio to
+            the 10th power; see benchmarks/implicit_vs_sft.py). Default 0.1 as in TRL's DPO.
         loss_type: ``sigmoid`` (SPIN/DPO's logistic loss) or ``hinge``.
         label_smoothing: Conservative-DPO smoothing ε of the sigmoid loss, in [0, 0.5).
         iterations: Number of self-play iterations T (the opponent is refreshed T − 1 times).
