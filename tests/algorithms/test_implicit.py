@@ -78,7 +78,7 @@ def test_config_runs_through_cli(name, metrics, tmp_path, monkeypatch):
         "--data.init_args.num_train", "96", "--data.init_args.num_val", "16",
     ])
     assert cli.trainer.global_step == 3
-    for metric in metrics:
+    for metric in metrics + ["eval/forward_kl", "eval/invalid_mass", "val/loss"]:
         assert metric in cli.trainer.callback_metrics, metric
         assert torch.isfinite(cli.trainer.callback_metrics[metric])
     assert os.path.exists(tmp_path / "checkpoints" / name / "version_0" / "export" / "model.safetensors")
