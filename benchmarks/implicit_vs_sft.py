@@ -1,6 +1,8 @@
 """SPIN / IRFT and IQ-Learn next to SFT, from the same SFT start, on the `modes` task (known expert).
 
-    HF_HUB_OFFLINE=1 python benchmarks/implicit_vs_sft.py            # ~3 min on 2 idle CPU cores
+    HF_HUB_OFFLINE=1 python benchmarks/implicit_vs_sft.py
+
+(about 70 s of CPU time with the defaults; 6 min wall when measured on 2 cores shared with other jobs)
 
 1. Train a tiny Llama with SFT for ``--start-steps`` steps and export it (the common start), or
    take ``--start <exported folder>``.
