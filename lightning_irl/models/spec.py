@@ -62,6 +62,10 @@ class LoraSpec:
 class ModelSpec:
     """A network: ``model_name_or_path`` (Hub id or local folder) or an inline ``config``.
 
+    A named model wins: when ``model_name_or_path`` is set, ``config`` and a ``task:`` tokenizer
+    (both from-scratch settings) are ignored, so ``--model.policy.model_name_or_path <folder>``
+    alone switches any shipped YAML from a scratch-built model to a pretrained one.
+
     Args:
         model_name_or_path: Hub id or local folder, loaded with ``from_pretrained``. The Hub is
             reached only when an id is named here and the files are not cached.
@@ -69,7 +73,7 @@ class ModelSpec:
             hidden_size: 64, num_hidden_layers: 2, ...}``. ``vocab_size`` and the special token
             ids are filled in from the tokenizer.
         tokenizer: Hub id or folder of the tokenizer (default: ``model_name_or_path``), or
-            ``task:<name>`` for the word-level tokenizer of a built-in task.
+            ``task:<name>`` for the word-level tokenizer of a built-in task (scratch models).
         dtype: Weights dtype at load: ``float32`` (default; Lightning's precision flag then
             chooses the compute dtype), ``bfloat16``, ``float16`` or ``auto``.
         trust_remote_code: Run code shipped with a Hub model. Off unless you turn it on.
@@ -91,16 +95,22 @@ class ModelSpec:
     seed: Optional[int] = field(default=None)
 
     def __post_init__(self) -> None:
-        if (self.model_name_or_path is None) == (self.config is None):
-            raise ValueError("a model needs exactly one of model_name_or_path or config")
+        if self.model_name_or_path is None and self.config is None:
+            raise ValueError("a model needs model_name_or_path (Hub id or folder) or an inline config")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
-        if self.config is not None and "model_type" not in self.config:
+        if self.from_scratch and "model_type" not in self.config:
             raise ValueError("an inline config needs a model_type (llama, gpt2, qwen2, ...)")
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.model_name_or_path is None
 
     # ---------------------------------------------------------------------------------
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         source = self.tokenizer or self.model_name_or_path
+        if not self.from_scratch and source.startswith("task:"):
+            source = self.model_name_or_path
         if source is None:
             raise ValueError(
                 "a model built from an inline config needs `tokenizer:` (a folder, a Hub id, "
@@ -145,7 +155,7 @@ class ModelSpec:
 
     def build_causal_lm(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
         dtype = _DTYPES[self.dtype]
-        if self.config is not None:
+        if self.from_scratch:
             if self.seed is not None:
                 torch.manual_seed(self.seed)
             model = AutoModelForCausalLM.from_config(
@@ -167,7 +177,7 @@ class ModelSpec:
         """A scalar-logit classifier (discriminator / reward model). From a causal-LM folder the
         backbone is reused and a fresh score head is added (transformers does that)."""
         dtype = _DTYPES[self.dtype]
-        if self.config is not None:
+        if self.from_scratch:
             if self.seed is not None:
                 torch.manual_seed(self.seed)
             model = AutoModelForSequenceClassification.from_config(
