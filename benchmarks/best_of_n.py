@@ -1,0 +1,259 @@
+"""Best-of-N on the `modes` task with learned reward models, next to oracle rewards.
+
+    HF_HUB_OFFLINE=1 python benchmarks/best_of_n.py            # ~3 min on 2 CPU cores
+
+1. Train two tiny Llamas with SFT on the task's demonstrations: the *initial* policy, a weaker
+   one (``--init-steps`` steps), and the *SFT* policy, quickstart-like (``--sft-steps`` steps).
+   Export both.
+2. Train a reward model per ``--pairings`` entry with ``RewardModel(preset=...)``, sampling the
+   exported policies on the fly on the training prompts:
+   - ``init_sft``: SFT samples (positive) vs initial samples (negative); target
+     ``log π_SFT(y|x) − log π_init(y|x)`` (the paper's recommended pairing);
+   - ``sft_demo``: demonstrations (positive) vs SFT samples (negative); target
+     ``log p_E(y|x) − log π_SFT(y|x)``.
+   No reward model ever sees the expert's probabilities.
+3. On ``--prompts`` held-out prompts, sample 16 responses per prompt from the SFT policy
+   (``BestOfN.rollout``, temperature 1) and score each with
+   - ``learned <pairing>``: the reward model (``BestOfN.score_rollout``);
+   - ``oracle log p_E``: the task's exact expert log-probability (−inf outside its support);
+   - ``exact <pairing> target``: the pairing's optimum computed exactly from the sampled tokens
+     (``log π_SFT − log π_init``; ``log p_E − log π_SFT``).
+4. For each N ∈ {1, 2, 4, 8, 16}: split each prompt's 16 samples into 16/N disjoint groups of N,
+   keep each group's highest-reward sample (first on ties), and report over all kept samples:
+   - ``log p_E``: mean expert log-likelihood, with ``log p_E`` floored at log(1e-6) ≈ −13.8 for
+     responses outside the support (and for responses cut by the length cap);
+   - ``valid log p_E``: the mean over the kept samples that are valid (no floor involved);
+   - ``invalid``: share of the kept samples outside the support: the invalid mass of the
+     Best-of-N policy (N = 1 is the SFT policy's own invalid mass);
+   - ``copy/rev/sort``: share of the kept samples in each expert mode (expert: 0.6/0.3/0.1);
+   - ``coverage``: share of the three modes whose share ≥ 0.5 × the expert's weight.
+   Also printed: each reward's AUROC at ranking the SFT's valid samples above its invalid ones,
+   and the correlation of each learned reward with its exact target.
+
+Numbers come from ``task.log_prob`` / ``task.mode_of`` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Dict, List
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from torchmetrics.functional.classification import binary_auroc  # noqa: E402
+
+from lightning_irl.algorithms import SFT, BestOfN, OptimizerSpec, RewardModel  # noqa: E402
+from lightning_irl.data import DemonstrationDataModule  # noqa: E402
+from lightning_irl.data.sources import left_pad_prompts  # noqa: E402
+from lightning_irl.data.tasks import get_task  # noqa: E402
+from lightning_irl.models.spec import ModelSpec  # noqa: E402
+from lightning_irl.objectives.logprobs import token_logprobs  # noqa: E402
+from lightning_irl.rollout import SamplingConfig  # noqa: E402
+
+LOG_FLOOR = math.log(1e-6)
+MODES = ("copy", "reverse", "sort")
+NS = (1, 2, 4, 8, 16)
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 32}
+
+
+def trainer(steps: int, val_every: int = 0) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, val_check_interval=val_every or None,
+                     check_val_every_n_epoch=None if val_every else 1, limit_val_batches=1.0 if val_every else 0)
+
+
+def train_policy(steps: int, export: str, args) -> float:
+    L.seed_everything(args.seed)
+    module = SFT(policy=ModelSpec(config=dict(TINY), tokenizer="task:modes", seed=args.seed),
+                 optimizer=OptimizerSpec(lr=3e-3, weight_decay=0.01, warmup_steps=min(20, steps // 2),
+                                         schedule="cosine"),
+                 export_dir=export)
+    data = DemonstrationDataModule(task="modes", num_train=4000, num_val=8, batch_size=32, max_length=32)
+    start = time.perf_counter()
+    trainer(steps).fit(module, datamodule=data)
+    return time.perf_counter() - start
+
+
+def train_reward_model(preset: str, init: str, sft: str, export: str, args) -> Dict[str, float]:
+    L.seed_everything(args.seed)
+    folder = lambda path: ModelSpec(model_name_or_path=path, tokenizer="task:modes")  # noqa: E731
+    classifier = folder(sft) if args.rm_init == "sft" else ModelSpec(config=dict(TINY), tokenizer="task:modes",
+                                                                     seed=args.seed)
+    module = RewardModel(classifier=classifier,
+                         preset=preset, initial_policy=folder(init), sft_policy=folder(sft),
+                         optimizer=OptimizerSpec(lr=args.rm_lr, weight_decay=0.01, warmup_steps=20, schedule="cosine"),
+                         sampling=SamplingConfig(max_new_tokens=8, num_samples=args.rm_samples), export_dir=export)
+    data = DemonstrationDataModule(task="modes", num_train=4000, num_val=128, batch_size=32, max_length=32)
+    start = time.perf_counter()
+    fit = trainer(args.rm_steps, val_every=args.rm_steps)
+    fit.fit(module, datamodule=data)
+    out = {k: float(v) for k, v in fit.callback_metrics.items() if k.startswith("val/")}
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+@torch.no_grad()
+def candidates(init: str, sft: str, reward_models: Dict[str, str], args) -> List[Dict]:
+    """16 SFT samples per held-out prompt with every reward."""
+    task = get_task("modes")
+    n = max(NS)
+    folder = lambda path: ModelSpec(model_name_or_path=path, tokenizer="task:modes")  # noqa: E731
+    scorers = {}
+    for pairing, path in reward_models.items():
+        scorers[pairing] = BestOfN(policy=folder(sft), reward_model=folder(path), n=n,
+                                   sampling=SamplingConfig(max_new_tokens=8))
+        scorers[pairing].configure_model()
+        scorers[pairing].eval()
+    best = next(iter(scorers.values()))  # its policy samples; every module scores
+    initial = folder(init).build_causal_lm(best.tokenizer).eval()
+    prompts = task.prompts(args.prompts, seed=10_000 + args.seed)  # not among the training prompts' seeds
+    torch.manual_seed(args.seed)
+    rows = []
+    for start in range(0, len(prompts), 32):
+        chunk = prompts[start : start + 32]
+        encoded = left_pad_prompts(best.tokenizer, chunk)
+        batch = {"prompt": chunk, "prompt_input_ids": encoded["input_ids"],
+                 "prompt_attention_mask": encoded["attention_mask"]}
+        rollout = best.rollout(batch, SamplingConfig(max_new_tokens=8, num_samples=n))
+        texts = [p for p in chunk for _ in range(n)]
+        learned = {k: m.score_rollout(rollout, texts).tolist() for k, m in scorers.items()}
+        mask = rollout.loss_mask[:, 1:].float()
+        log_sft = rollout.sequence_logprobs.tolist()
+        log_init = (token_logprobs(initial, rollout.input_ids, rollout.attention_mask) * mask).sum(-1).tolist()
+        for i, prompt in enumerate(chunk):
+            group = []
+            for j in range(i * n, (i + 1) * n):
+                response, finished = rollout.responses[j], bool(rollout.finished[j])
+                log_pe = task.log_prob(prompt, response) if finished else -math.inf
+                scores = {"oracle": log_pe, "exact init_sft": log_sft[j] - log_init[j],
+                          "exact sft_demo": log_pe - log_sft[j]}
+                scores.update({f"learned {k}": v[j] for k, v in learned.items()})
+                group.append({"response": response, "finished": finished, "log_pe": log_pe, "scores": scores,
+                              "mode": task.mode_of(prompt, response) if finished else None})
+            rows.append({"prompt": prompt, "candidates": group})
+    return rows
+
+
+def select(rows: List[Dict], n: int, key: str) -> List[Dict]:
+    chosen = []
+    for row in rows:
+        cands = row["candidates"]
+        for g in range(0, len(cands), n):
+            group = cands[g : g + n]
+            chosen.append(max(group, key=lambda c: c["scores"][key]))  # max keeps the first on ties
+    return chosen
+
+
+def summarise(chosen: List[Dict], weights: Dict[str, float]) -> Dict[str, float]:
+    valid = [c for c in chosen if math.isfinite(c["log_pe"])]
+    out = {
+        "log_pe": sum(max(c["log_pe"], LOG_FLOOR) for c in chosen) / len(chosen),
+        "valid_log_pe": sum(c["log_pe"] for c in valid) / len(valid) if valid else float("nan"),
+        "invalid": 1 - len(valid) / len(chosen),
+    }
+    for mode in MODES:
+        out[mode] = sum(c["mode"] == mode for c in chosen) / len(chosen)
+    out["coverage"] = sum(out[m] >= 0.5 * weights[m] for m in MODES) / len(MODES)
+    return out
+
+
+def pearson(xs: List[float], ys: List[float]) -> float:
+    x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x.norm() * y.norm()))
+
+
+def ranks(values: List[float]) -> List[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    for r, i in enumerate(order):
+        out[i] = float(r)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sft-steps", type=int, default=750, help="SFT policy steps (quickstart: 750)")
+    parser.add_argument("--init-steps", type=int, default=30, help="initial (weaker) policy steps")
+    parser.add_argument("--rm-steps", type=int, default=400, help="reward model steps")
+    parser.add_argument("--pairings", default="init_sft,sft_demo",
+                        help="comma-separated reward-model presets to compare (init_sft, sft_demo)")
+    parser.add_argument("--rm-init", choices=("scratch", "sft"), default="scratch",
+                        help="classifier backbone: a fresh tiny Llama, or the SFT policy's (fresh score head)")
+    parser.add_argument("--rm-lr", type=float, default=3e-3, help="reward model peak learning rate")
+    parser.add_argument("--rm-samples", type=int, default=2, help="samples per prompt per policy per step")
+    parser.add_argument("--prompts", type=int, default=256, help="held-out prompts (16 samples each)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models: 1)")
+    parser.add_argument("--workdir", default=None, help="keep the exported models here (default: temporary)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    task = get_task("modes")
+    weights = task.mode_weights("")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="best_of_n_")
+    init, sft = os.path.join(workdir, "init"), os.path.join(workdir, "sft")
+    start = time.perf_counter()
+    timing = {"init": train_policy(args.init_steps, init, args), "sft": train_policy(args.sft_steps, sft, args)}
+    pairings = [p for p in args.pairings.split(",") if p]
+    reward_models, rm_metrics = {}, {}
+    for pairing in pairings:
+        reward_models[pairing] = os.path.join(workdir, f"reward_model_{pairing}")
+        rm_metrics[pairing] = train_reward_model(pairing, init, sft, reward_models[pairing], args)
+        timing[f"rm {pairing}"] = rm_metrics[pairing].pop("seconds")
+    rows = candidates(init, sft, reward_models, args)
+    every = [c for r in rows for c in r["candidates"]]
+    keys = [f"learned {p}" for p in pairings] + ["oracle"] + [f"exact {p}" for p in pairings]
+    table = {key: {n: summarise(select(rows, n, key), weights) for n in NS} for key in keys}
+    corr = {}
+    for pairing in pairings:
+        pairs = [(c["scores"][f"learned {pairing}"], c["scores"][f"exact {pairing}"]) for c in every
+                 if math.isfinite(c["scores"][f"exact {pairing}"])]
+        xs, ys = [a for a, _ in pairs], [b for _, b in pairs]
+        corr[pairing] = {"pearson": pearson(xs, ys), "spearman": pearson(ranks(xs), ranks(ys)), "count": len(xs)}
+    valid = [c for c in every if math.isfinite(c["log_pe"])]
+    is_valid = torch.tensor([int(math.isfinite(c["log_pe"])) for c in every])
+    separation = {key: float(binary_auroc(torch.tensor([c["scores"][key] for c in every]).nan_to_num(
+        neginf=-1e9), is_valid)) for key in keys}
+    timing["total"] = time.perf_counter() - start
+
+    print(f"\nmodes task, {args.prompts} held-out prompts x 16 SFT samples ({len(valid) / len(every):.3f} valid); "
+          f"initial = SFT after {args.init_steps} steps, SFT = {args.sft_steps} steps; reward models: "
+          f"{args.rm_steps} steps, classifier {args.rm_init}")
+    for pairing in pairings:
+        c = corr[pairing]
+        print(f"{pairing}: held-out " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(rm_metrics[pairing].items()))
+              + f"; learned vs exact target over {c['count']} candidates with a finite target: "
+              f"Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f}")
+    print("how well each reward ranks the SFT's valid samples above its invalid ones (AUROC over all "
+          "candidates): " + ", ".join(f"{k} {v:.3f}" for k, v in separation.items()))
+    print("\n| reward | N | log p_E (floor log 1e-6) | valid log p_E | invalid | copy | rev | sort | coverage |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for key, by_n in table.items():
+        for n, m in by_n.items():
+            print(f"| {key} | {n} | {m['log_pe']:.3f} | {m['valid_log_pe']:.3f} | {m['invalid']:.3f} | "
+                  f"{m['copy']:.3f} | {m['reverse']:.3f} | {m['sort']:.3f} | {m['coverage']:.2f} |")
+    print(f"\nexpert mode weights: copy {weights['copy']:.1f}, reverse {weights['reverse']:.1f}, "
+          f"sort {weights['sort']:.1f}; seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items()))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "reward_models": rm_metrics, "correlation": corr, "timing": timing,
+                       "valid_vs_invalid_auroc": separation,
+                       "table": {k: {str(n): m for n, m in v.items()} for k, v in table.items()}}, handle, indent=1)
+
+if __name__ == "__main__":
+    main()
