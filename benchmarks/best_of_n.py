@@ -87,7 +87,7 @@ def train_policy(steps: int, export: str, args) -> float:
 
 def train_reward_model(preset: str, init: str, sft: str, export: str, args) -> Dict[str, float]:
     L.seed_everything(args.seed)
-    folder = lambda path: ModelSpec(model_name_or_path=path, tokenizer="task:modes")  # noqa: E731
+    folder = lambda path: ModelSpec(model_name_or_path=path)  # noqa: E731  (the export holds its tokenizer)
     classifier = folder(sft) if args.rm_init == "sft" else ModelSpec(config=dict(TINY), tokenizer="task:modes",
                                                                      seed=args.seed)
     module = RewardModel(classifier=classifier,
@@ -108,7 +108,7 @@ def candidates(init: str, sft: str, reward_models: Dict[str, str], args) -> List
     """16 SFT samples per held-out prompt with every reward."""
     task = get_task("modes")
     n = max(NS)
-    folder = lambda path: ModelSpec(model_name_or_path=path, tokenizer="task:modes")  # noqa: E731
+    folder = lambda path: ModelSpec(model_name_or_path=path)  # noqa: E731  (the export holds its tokenizer)
     scorers = {}
     for pairing, path in reward_models.items():
         scorers[pairing] = BestOfN(policy=folder(sft), reward_model=folder(path), n=n,

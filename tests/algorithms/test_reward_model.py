@@ -223,8 +223,9 @@ def test_cli_fits_the_reward_model_config_then_best_of_n_predicts(tmp_path):
 
     out = tmp_path / "best.jsonl"
     run([CLI, "predict", "--config", os.path.join(REPO, "configs/best_of_n.yaml"), "--predictions.output_path",
-         str(out), "--model.init_args.n", "3", "--model.init_args.return_all", "true",
-         "--data.init_args.num_test", "5"])
+         str(out), "--model.init_args.policy.model_name_or_path", "checkpoints/quickstart/version_0/export",
+         "--model.init_args.reward_model.model_name_or_path", "checkpoints/reward_model/version_0/export",
+         "--model.init_args.n", "3", "--model.init_args.return_all", "true", "--data.init_args.num_test", "5"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5
     for row in rows:
