@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -297,7 +297,3 @@ class FileSide(Side):
             picked = self.val[self._eval_cursor : self._eval_cursor + batch_size]
             self._eval_cursor += len(picked)
             yield self._collate(picked, torch.device("cpu"))
-
-
-def with_samples(config: SamplingConfig, n: int) -> SamplingConfig:
-    return replace(config, num_samples=n)
