@@ -1,6 +1,7 @@
 """The README's commands, run for real through the console script (a few steps each)."""
 
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -73,6 +74,8 @@ def test_every_shipped_config_parses_and_instantiates(configs, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "model:" in printed and "trainer:" in printed
+    if configs[-1].endswith("deepspeed.yaml") and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("parsed; instantiating DeepSpeedStrategy needs the optional `deepspeed` extra")
     cli = build_cli(args, run=False)  # instantiates module, data module and trainer
     assert cli.model.tokenizer is not None
 
