@@ -53,7 +53,7 @@ def make_dataset(folder: str, n: int, min_len: int = 16, max_len: int = 256, see
 
 
 class StepTimer(L.Callback):
-    """Wall time and non-pad tokens of every training step after ``warmup`` steps.
+    """Wall time, CPU time and non-pad tokens of every training step after ``warmup`` steps.
 
     Time runs from the end of step ``warmup`` to the end of the last step, so it includes data
     loading, the optimizer and every hook: what a user waits for.
@@ -63,23 +63,31 @@ class StepTimer(L.Callback):
         self.warmup = warmup
         self.start: Optional[float] = None
         self.end: Optional[float] = None
+        self.cpu_start: Optional[float] = None
+        self.cpu_end: Optional[float] = None
         self.tokens = 0
         self.cells = 0
         self.steps = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         if batch_idx + 1 == self.warmup:
-            self.start = now
+            self.start, self.cpu_start = now, cpu
         elif batch_idx + 1 > self.warmup:
             self.tokens += int(batch["attention_mask"].sum())
             self.cells += batch["attention_mask"].numel()
             self.steps += 1
-            self.end = now
+            self.end, self.cpu_end = now, cpu
 
     @property
     def tokens_per_sec(self) -> float:
         return self.tokens / (self.end - self.start)
+
+    @property
+    def tokens_per_cpu_sec(self) -> float:
+        """Tokens per second of this process's CPU time (all threads): steadier than wall time on
+        a shared machine, since time spent descheduled does not count."""
+        return self.tokens / (self.cpu_end - self.cpu_start)
 
     @property
     def pad_share(self) -> float:
@@ -98,3 +106,11 @@ def median(values: List[float]) -> float:
     values = sorted(values)
     mid = len(values) // 2
     return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+
+def set_threads(threads: int) -> None:
+    """Pin torch's intra-op threads. Default 1 in every benchmark: on a shared machine, two
+    OpenMP threads that wait on each other at every op turn another process's load into
+    10x swings; one thread per process keeps the side-by-side ratios steady."""
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)

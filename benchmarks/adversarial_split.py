@@ -30,7 +30,7 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _scale_common import SMALL_LLAMA, make_dataset, quiet_trainer  # noqa: E402
+from _scale_common import set_threads, SMALL_LLAMA, make_dataset, quiet_trainer  # noqa: E402
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -89,7 +89,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (see _scale_common.set_threads)")
     args = parser.parse_args()
+    set_threads(args.threads)
 
     ds = make_dataset(tempfile.mkdtemp(prefix="adv_bench_"), n=args.batch_size * (args.warmup + args.steps) + 8,
                       min_len=8, max_len=40, prompt_share=0.5)

@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _scale_common import SMALL_LLAMA, StepTimer, make_dataset, quiet_trainer  # noqa: E402
+from _scale_common import set_threads, SMALL_LLAMA, StepTimer, make_dataset, quiet_trainer  # noqa: E402
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -60,7 +60,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--matmul-n", type=int, default=1024)
     parser.add_argument("--peak-repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (see _scale_common.set_threads)")
     args = parser.parse_args()
+    set_threads(args.threads)
     dtype = torch.float32 if args.precision == "32-true" else torch.bfloat16
 
     ds = make_dataset(tempfile.mkdtemp(prefix="flops_bench_"), n=args.batch_size * (args.warmup + args.steps),

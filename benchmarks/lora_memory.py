@@ -3,12 +3,15 @@
     HF_HUB_OFFLINE=1 python benchmarks/lora_memory.py                  # ~3 min on 2 CPU cores
 
 Model: a ~70M-parameter Llama built from a config (hidden 768, 8 layers, vocabulary 8192), so
-weights, gradients and optimizer states dominate and activations (batch 4 x <= 64 tokens) are
-small. Every setup trains ``--steps`` real ``lightning_irl`` steps, each computing the reference's
+weights, gradients and optimizer states dominate and activations (batch 2 x <= 32 tokens) are
+small (at batch 4 x 64 the activations of the 8 layers add ~130 MiB to every setup's peak). Every setup trains ``--steps`` real ``lightning_irl`` steps, each computing the reference's
 log-probs of the batch (as a KL-regularised method does) and the policy's SFT loss, backward and
 AdamW step. Each setup runs in its own fresh subprocess; memory is the process's peak resident
 set size (``ru_maxrss``) minus its resident size just before the models are built (imports,
-tokenizer and data already loaded). tracemalloc would miss torch's allocations.
+tokenizer and data already loaded). tracemalloc would miss torch's allocations. The child runs
+with ``MALLOC_MMAP_THRESHOLD_=65536``: large tensors then go straight back to the OS when freed,
+instead of glibc's growing threshold keeping freed memory resident (RSS would otherwise creep
+up step after step and measure the allocator, not the tensors).
 
 Setups:
 - ``full+copy``:   full fine-tuning, reference = separate frozen copy (``needs_reference``)
@@ -58,8 +61,8 @@ def child(setup: str, folder: str, steps: int) -> dict:
     from lightning_irl.models.spec import LoraSpec, ModelSpec
     from lightning_irl.objectives.logprobs import token_logprobs
 
-    torch.set_num_threads(2)
-    ds = make_dataset(folder, n=64, min_len=16, max_len=64, vocab=8192)
+    torch.set_num_threads(1)
+    ds = make_dataset(folder, n=64, min_len=8, max_len=32, vocab=8192)
 
     class PolicyAndReference(SFT):
         needs_reference = setup == "full+copy"
@@ -81,7 +84,7 @@ def child(setup: str, folder: str, steps: int) -> dict:
     spec = ModelSpec(config=dict(MODEL), tokenizer=ds["tokenizer"], seed=0,
                      lora=LoraSpec(r=16, alpha=32) if setup.startswith("lora") else None)
     module = PolicyAndReference(policy=spec, optimizer=OptimizerSpec(lr=1e-5), export=False)
-    data = DemonstrationDataModule(train_file=ds["train_file"], batch_size=4, max_length=64, shuffle=False)
+    data = DemonstrationDataModule(train_file=ds["train_file"], batch_size=2, max_length=32, shuffle=False)
     data.set_tokenizer(module.tokenizer)
     data.setup("fit")
     L.seed_everything(0)
@@ -99,7 +102,7 @@ def child(setup: str, folder: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -109,7 +112,7 @@ def main() -> None:
     results = {}
     for setup in SETUPS:
         folder = tempfile.mkdtemp(prefix="lora_mem_")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", setup, "--folder", folder,
                                "--steps", str(args.steps)], capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

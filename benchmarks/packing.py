@@ -1,6 +1,6 @@
 """Padding: random batches vs length grouping vs packing — pad share and SFT tokens/s, side by side.
 
-    HF_HUB_OFFLINE=1 python benchmarks/packing.py                   # ~4 min on 2 CPU cores
+    HF_HUB_OFFLINE=1 python benchmarks/packing.py                   # ~10 min on 2 CPU cores
 
 Same model and data as ``sft_throughput.py`` (lengths log-uniform in 16-256 tokens, so random
 batches are mostly padding). Variants, all ``lightning_irl`` SFT with the same examples per step
@@ -30,7 +30,7 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _scale_common import SMALL_LLAMA, StepTimer, make_dataset, median, quiet_trainer  # noqa: E402
+from _scale_common import set_threads, SMALL_LLAMA, StepTimer, make_dataset, median, quiet_trainer  # noqa: E402
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -84,12 +84,14 @@ def run(ds, name: str, args) -> Dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (see _scale_common.set_threads)")
     args = parser.parse_args()
+    set_threads(args.threads)
     ds = make_dataset(tempfile.mkdtemp(prefix="packing_bench_"), n=2000, max_len=args.max_length)
     names = list(VARIANTS)
     rounds: List[Dict[str, Dict[str, float]]] = []
