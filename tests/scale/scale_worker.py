@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     parser.add_argument("--algorithm", default="sft", choices=["sft", "adversarial"])
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--r1-gamma", type=float, default=0.0, help="adversarial: R1 penalty weight")
     parser.add_argument("--export", default=None, help="export folder (fit's HF export)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -89,7 +90,7 @@ def main(argv=None) -> None:
         from lightning_irl.algorithms.adversarial import Adversarial
 
         disc = ModelSpec(config=dict(TINY_LLAMA), tokenizer="task:modes", seed=1)
-        module = Adversarial(policy=spec, discriminator=disc, num_samples=2,
+        module = Adversarial(policy=spec, discriminator=disc, num_samples=2, r1_gamma=args.r1_gamma,
                              sampling=SamplingConfig(max_new_tokens=6), **common)
         key = "disc/loss"
     data = DemonstrationDataModule(task="modes", num_train=args.steps * args.batch_size * args.devices, num_val=0,
