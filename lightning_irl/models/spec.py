@@ -145,7 +145,11 @@ class ModelSpec:
 
     def _finish(self, model: PreTrainedModel, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             model.config.use_cache = False
         if self.lora is not None:
             from lightning_irl.models.lora import apply_lora
