@@ -1,7 +1,7 @@
 """Where an adversarial (AIRL) training step spends its time: rollout / reference / discriminator /
 rewards / policy, measured inside real ``lightning_irl`` steps.
 
-    HF_HUB_OFFLINE=1 python benchmarks/adversarial_split.py              # ~2 min on 2 CPU cores
+    HF_HUB_OFFLINE=1 python benchmarks/adversarial_split.py              # ~1 min on 2 CPU cores
     HF_HUB_OFFLINE=1 python benchmarks/adversarial_split.py --lora       # LoRA policy, adapter-off reference
 
 Policy and discriminator: the ~5M-parameter Llama of ``_scale_common.SMALL_LLAMA`` (the

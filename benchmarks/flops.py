@@ -1,6 +1,6 @@
 """Achieved FLOP/s of a ``lightning_irl`` SFT step as a share of this machine's dense matmul peak.
 
-    HF_HUB_OFFLINE=1 python benchmarks/flops.py                      # ~2 min on 2 CPU cores
+    HF_HUB_OFFLINE=1 python benchmarks/flops.py                      # ~1 min on 2 CPU cores
     HF_HUB_OFFLINE=1 python benchmarks/flops.py --precision bf16-mixed
 
 1. Peak: the best of ``--peak-repeats`` timings of an n x n @ n x n matmul (2 n^3 FLOPs) in the

@@ -1,6 +1,6 @@
 """Peak memory of a policy + frozen reference setup: separate reference copy vs LoRA-shared reference.
 
-    HF_HUB_OFFLINE=1 python benchmarks/lora_memory.py                  # ~3 min on 2 CPU cores
+    HF_HUB_OFFLINE=1 python benchmarks/lora_memory.py                  # ~30 s on 2 CPU cores
 
 Model: a ~70M-parameter Llama built from a config (hidden 768, 8 layers, vocabulary 8192), so
 weights, gradients and optimizer states dominate and activations (batch 2 x <= 32 tokens) are

@@ -1,7 +1,7 @@
 """SFT throughput: ``lightning_irl`` SFT vs a plain PyTorch loop vs TRL's SFTTrainer, side by side.
 
-    HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py                         # ~4 min, 2 CPU cores
-    HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py --precision bf16-mixed
+    HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py                         # ~5 min, 2 CPU cores
+    HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py --precision bf16-mixed   # the reported runs used --repeats 5 (fp32) / 3 (bf16)
     HF_HUB_OFFLINE=1 python benchmarks/sft_throughput.py --skip-trl              # without the bench extra
 
 TRL is benchmark-only: ``pip install -e ".[bench]"`` (pins ``trl==1.16.0``).
