@@ -333,3 +333,49 @@ def test_ppo_clip_loss_takes_per_token_advantages():
     assert abs(float(out.loss) - sum(terms) / len(terms)) < 1e-6
     with pytest.raises(ValueError, match=r"\[B\] or \[B, T\]"):
         ppo_clip_loss(logp_new, logp_old, torch.zeros(3, 2), mask, 0.2, "token")
+
+
+_DDP_WORKER = r'''
+import sys, torch, lightning as L
+torch.set_num_threads(1)
+from lightning_irl.algorithms import Adversarial, OptimizerSpec
+from lightning_irl.data import DemonstrationDataModule
+from lightning_irl.metrics.evaluation import EvalConfig
+from lightning_irl.models.spec import ModelSpec
+from lightning_irl.rollout import SamplingConfig
+cfg = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=64)
+class Save(L.Callback):
+    def on_train_end(self, trainer, pl_module):
+        torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()
+                    if k.startswith(("policy.", "discriminator."))}, f"rank{trainer.global_rank}.pt")
+L.seed_everything(0)
+m = Adversarial(policy=ModelSpec(config=cfg, tokenizer="task:modes", seed=0),
+                discriminator=ModelSpec(config=cfg, tokenizer="task:modes", seed=1), policy_loss=sys.argv[1],
+                sampling=SamplingConfig(max_new_tokens=6), evaluation=EvalConfig(enabled=False), export=False,
+                optimizer=OptimizerSpec(lr=1e-2), disc_optimizer=OptimizerSpec(lr=1e-2))
+trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    limit_val_batches=0, callbacks=[Save()])
+trainer.fit(m, datamodule=DemonstrationDataModule(task="modes", num_train=32, num_val=0, batch_size=4))
+assert trainer.global_step == 2
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_two_processes_stay_identical(tmp_path, tiny_spec):
+    """Two ranks on different prompts: discriminator and policy gradients are all-reduced, so the
+    weights stay equal. Needs ``ddp_find_unused_parameters_true``: each of the two backward passes
+    of a step leaves the other network's parameters without a gradient."""
+    (tmp_path / "worker.py").write_text(_DDP_WORKER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "worker.py", "ppo"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    initial = _module(tiny_spec).policy.state_dict()  # the worker's cfg is conftest's TINY_LLAMA, seed 0
+    assert ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
+    assert any(not torch.equal(ranks[0]["policy." + k], v) for k, v in initial.items())
