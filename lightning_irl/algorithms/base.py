@@ -64,7 +64,7 @@ def split_micro_batches(batch: Dict[str, Any], micro_batch_size: Optional[int]) 
     step = micro_batch_size or size
     for start in range(0, size, step):
         part = {k: v[start : start + step] for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 2
-                and k in ("input_ids", "attention_mask", "loss_mask")}
+                and k in ("input_ids", "attention_mask", "loss_mask", "position_ids")}
         width = int(part["attention_mask"].sum(-1).max())
         yield {k: v[:, :width] for k, v in part.items()}
 
@@ -199,7 +199,8 @@ class IRLModule(L.LightningModule):
         global_tokens = self.global_sum(local_tokens.float()).clamp(min=1)
         total = torch.zeros((), device=self.device)
         for micro in split_micro_batches(batch, self.micro_batch_size):
-            logps = token_logprobs(self.policy, micro["input_ids"], micro["attention_mask"])
+            logps = token_logprobs(self.policy, micro["input_ids"], micro["attention_mask"],
+                                   position_ids=micro.get("position_ids"))
             loss = token_nll_sum(logps, micro["loss_mask"][:, 1:]) * world / global_tokens
             self.manual_backward(loss * scale)
             total += loss.detach()
@@ -331,10 +332,16 @@ class IRLModule(L.LightningModule):
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         to_save = model
-        if hasattr(model, "merge_and_unload") and state_dict is None:
-            import copy
+        if hasattr(model, "merge_and_unload"):
+            if state_dict is None:
+                import copy
 
-            to_save = copy.deepcopy(model).merge_and_unload()
+                to_save = copy.deepcopy(model).merge_and_unload()
+            else:  # gathered FSDP2 shards of a PeftModel: merge the adapter into the base weights
+                from lightning_irl.models.lora import merge_lora_state_dict
+
+                state_dict = merge_lora_state_dict(model, state_dict)
+                to_save = model.get_base_model()
         to_save.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
         old = path.rstrip("/") + ".old"

@@ -14,6 +14,8 @@ from lightning_irl.algorithms.base import IRLModule
 class SFT(IRLModule):
     """Forward KL / behaviour cloning on demonstrations. Arguments: see ``IRLModule``."""
 
+    supports_packing = True  # nll_backward forwards the packed batch's position_ids
+
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()

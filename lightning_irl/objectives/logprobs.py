@@ -33,22 +33,36 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.clamp_(min=0)
 
 
-def shifted_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token logits [B, T-1, V] for any padding side."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
+def shifted_logits(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Next-token logits [B, T-1, V] for any padding side.
+
+    With ``position_ids`` (a packed batch, ``data.collate.PackedDemonstrationCollator``) no
+    attention mask is passed: transformers then derives a block-causal mask from the positions
+    restarting at 0, so packed examples never attend to each other.
+    """
+    if position_ids is not None:
+        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    else:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
     return out.logits[:, :-1]
 
 
 def token_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    position_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """log π(token_{t+1} | tokens_{≤t}) for every position: [B, T-1]."""
-    logits = shifted_logits(model, input_ids, attention_mask)
+    logits = shifted_logits(model, input_ids, attention_mask, position_ids)
     if temperature != 1.0:
         logits = logits / temperature
     return gather_token_logprobs(logits, input_ids[:, 1:])
