@@ -135,7 +135,9 @@ def _fit(module, data, steps: int) -> float:
                         limit_val_batches=0)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    module.last_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return seconds
 
 
 def evaluate(policy, tokenizer, task, prompts: List[str], samples: int, max_new_tokens: int) -> Dict[str, float]:
@@ -279,6 +281,11 @@ def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Dict[str, float]]
         results[name]["seconds"] = seconds
         print(f"  seed {seed} {name:9s} {seconds:6.1f}s " +
               " ".join(f"{k}={v:.3f}" for k, v in results[name].items() if k != "seconds"), flush=True)
+        logged = getattr(module, "last_metrics", {})
+        if name in ("AIRL", "GAIL") and "disc/loss" in logged:  # did the discriminator learn? (chance: log 4)
+            print(f"  seed {seed} {name:9s} last step: " + " ".join(
+                f"{k}={logged[k]:.3f}" for k in ("disc/loss", "disc/acc_expert", "disc/acc_policy", "reward/std",
+                                                 "kl/ref") if k in logged), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         # 1. the shared SFT start, exported as a Hugging Face folder
