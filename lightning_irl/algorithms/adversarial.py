@@ -87,7 +87,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from lightning_irl.algorithms.base import IRLModule, OptimizerSpec, build_optimizer
+from lightning_irl.algorithms.base import IRLModule, OptimizerSpec, build_optimizer, full_state_dict
 from lightning_irl.models.discriminator import (
     build_discriminator,
     last_token_index,
@@ -316,12 +316,6 @@ class Adversarial(IRLModule):
         super().configure_model()
         if self.discriminator is None:
             self.discriminator = build_discriminator(self.discriminator_spec, self.tokenizer)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()  # Lightning calls .train() on the whole module; keep it frozen
-        return self
 
     def configure_optimizers(self):
         total = self.total_steps()
@@ -573,14 +567,7 @@ class Adversarial(IRLModule):
         if path is None or not self.export_discriminator:
             return
         path = self.trainer.strategy.broadcast(path.rstrip("/") + "_discriminator")
-        state_dict = None
-        from torch.distributed.tensor import DTensor
-
-        if any(isinstance(p, DTensor) for p in self.discriminator.parameters()):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            state_dict = get_model_state_dict(self.discriminator,
-                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state_dict = full_state_dict(self.discriminator)
         if self.trainer.is_global_zero:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.export_model(self.discriminator, path, state_dict)

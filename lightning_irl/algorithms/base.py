@@ -58,14 +58,41 @@ def build_optimizer(params_module: torch.nn.Module, spec: OptimizerSpec, total_s
     return optimizer, {"scheduler": scheduler, "interval": "step"}
 
 
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """No gradients and eval mode (no dropout): references, opponents, teachers, scorers."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def full_state_dict(model: torch.nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """The full state dict (on CPU) when the model is sharded (FSDP2 DTensors), else None.
+
+    Collective under FSDP2: every rank must call it."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return None
+
+
 def split_micro_batches(batch: Dict[str, Any], micro_batch_size: Optional[int]) -> Iterator[Dict[str, Any]]:
-    """Row slices of a right-padded batch, each trimmed to its own longest sequence."""
+    """Row slices of aligned [B, T] tensors, each cut after its last attended column.
+
+    Cutting after the last attended *column* (not at the longest row's length) keeps whole rows
+    for right-padded demonstrations, left-padded-prompt rollouts and packed rows alike.
+    """
     size = batch["input_ids"].size(0)
     step = micro_batch_size or size
     for start in range(0, size, step):
         part = {k: v[start : start + step] for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 2
-                and k in ("input_ids", "attention_mask", "loss_mask", "position_ids")}
-        width = int(part["attention_mask"].sum(-1).max())
+                and k in BATCH_KEYS + ("position_ids",)}
+        columns = part["attention_mask"].bool().any(0).nonzero()
+        width = int(columns[-1]) + 1 if columns.numel() else 1
         yield {k: v[:, :width] for k, v in part.items()}
 
 
@@ -121,6 +148,16 @@ class IRLModule(L.LightningModule):
         self._eval_prompts = 0
         self._val_runs = 0
 
+    def train(self, mode: bool = True):
+        """Lightning calls ``.train()`` on the whole module each epoch; models whose parameters are
+        all frozen (reference, opponent, teacher, scoring policies) stay in eval mode."""
+        super().train(mode)
+        for child in self.children():
+            params = list(child.parameters())
+            if params and not any(p.requires_grad for p in params):
+                child.eval()
+        return self
+
     # ---- building ----------------------------------------------------------------------
     #: An algorithm whose loss needs the frozen initial policy (a KL anchor, AIRL's log π_ref)
     #: sets this True; it then reads the reference through ``reference_mode`` /
@@ -145,7 +182,7 @@ class IRLModule(L.LightningModule):
             # resumed run gets the true initial weights back even from an unseeded init.
             import copy
 
-            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+            self.reference = freeze(copy.deepcopy(self.policy))
 
     def reference_mode(self):
         """``with self.reference_mode() as ref: ref(input_ids=...)`` — the frozen reference model.
@@ -317,16 +354,6 @@ class IRLModule(L.LightningModule):
         base = getattr(callback, "dirpath", None) or self.trainer.default_root_dir
         return os.path.join(base, "export")
 
-    def full_policy_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The policy's full state dict on rank 0 (gathers shards under FSDP2)."""
-        from torch.distributed.tensor import DTensor
-
-        if any(isinstance(p, DTensor) for p in self.policy.parameters()):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return None
-
     def export_model(self, model, path: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Write an HF folder atomically: a crash mid-write leaves the previous export intact."""
         tmp = path.rstrip("/") + ".tmp"
@@ -356,7 +383,7 @@ class IRLModule(L.LightningModule):
         if path is None:
             return
         path = self.trainer.strategy.broadcast(path)
-        state_dict = self.full_policy_state_dict()
+        state_dict = full_state_dict(self.policy)
         if self.trainer.is_global_zero:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.export_model(self.policy, path, state_dict)

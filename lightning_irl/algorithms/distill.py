@@ -16,8 +16,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from lightning_irl.algorithms.base import IRLModule
-from lightning_irl.algorithms.spin import BATCH_KEYS, freeze, split_rows
+from lightning_irl.algorithms.base import BATCH_KEYS, IRLModule, freeze, split_micro_batches
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.objectives.gkd import masked_generalized_jsd_loss
 from lightning_irl.objectives.logprobs import shifted_logits
@@ -111,12 +110,6 @@ class Distill(IRLModule):
                 self._vocab = len(self.tokenizer)
             self.teacher = freeze(teacher)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
     # ---- training ----------------------------------------------------------------------
     def use_on_policy(self, step: int) -> bool:
         """The seeded draw of step ``step``: True = train on the student's own samples."""
@@ -139,7 +132,7 @@ class Distill(IRLModule):
         world = self.trainer.world_size
         global_tokens = self.global_sum(data["loss_mask"][:, 1:].sum().float()).clamp(min=1)
         total = torch.zeros((), device=self.device)
-        for micro in split_rows(data, self.micro_batch_size):
+        for micro in split_micro_batches(data, self.micro_batch_size):
             student = shifted_logits(self.policy, micro["input_ids"], micro["attention_mask"])
             with torch.no_grad():
                 teacher = shifted_logits(self.teacher, micro["input_ids"], micro["attention_mask"])

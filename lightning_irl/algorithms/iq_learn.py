@@ -18,8 +18,7 @@ from typing import Any, Dict
 
 import torch
 
-from lightning_irl.algorithms.base import IRLModule, split_micro_batches
-from lightning_irl.algorithms.spin import BATCH_KEYS, split_rows
+from lightning_irl.algorithms.base import BATCH_KEYS, IRLModule, split_micro_batches
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.objectives.iq_learn import iq_learn_loss, next_state_values
 from lightning_irl.objectives.logprobs import shifted_logits
@@ -80,7 +79,7 @@ class IQLearn(IRLModule):
         tokens = self.global_sum(generated["loss_mask"][:, 1:].sum().float()).clamp(min=1)
         scale = self.policy_sample_weight * self.lam * world / tokens
         total = torch.zeros((), device=self.device)
-        for micro in split_rows(generated, self.micro_batch_size):
+        for micro in split_micro_batches(generated, self.micro_batch_size):
             logits = shifted_logits(self.policy, micro["input_ids"], micro["attention_mask"])
             rewards = implied_rewards(logits, micro["input_ids"][:, 1:], micro["loss_mask"][:, 1:], self.gamma)
             penalty = (rewards * rewards).sum() * scale

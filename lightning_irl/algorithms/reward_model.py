@@ -1,7 +1,7 @@
 """Reward models from demonstrations alone (Inverse-RLignment, THEORY.md §5), and Best-of-N.
 
 ``RewardModel`` trains a sequence classifier ``h(x, y)`` (one logit per prompt + response, read at
-the last attended token by ``models.scoring.sequence_scores``) with binary cross-entropy to tell a
+the last attended token by ``models.scoring.sequence_logits``) with binary cross-entropy to tell a
 *positive* sample source (label 1) from a *negative* one (label 0). Each side's loss is averaged
 over that side's rows in the global batch and the two halves are summed with weight 1/2:
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
-from lightning_irl.algorithms.base import IRLModule, OptimizerSpec, build_optimizer
+from lightning_irl.algorithms.base import IRLModule, OptimizerSpec, build_optimizer, freeze, full_state_dict
 from lightning_irl.data.sources import (
     DemonstrationSide,
     FileSide,
@@ -46,7 +46,7 @@ from lightning_irl.data.sources import (
     row_chunks,
     same_vocabulary,
 )
-from lightning_irl.models.scoring import sequence_scores
+from lightning_irl.models.scoring import sequence_logits
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.rollout import SamplingConfig
 
@@ -60,26 +60,10 @@ PRESETS = {  # name -> (positive, negative); "initial" / "sft" name a policy arg
 SIDES = ("positive", "negative")
 
 
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def full_state_dict(model: torch.nn.Module) -> Optional[Dict[str, torch.Tensor]]:
-    """The full state dict on rank 0 when the model is sharded (FSDP2 DTensors), else None."""
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return None
-
-
 def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     micro_batch_size: Optional[int] = None) -> torch.Tensor:
     """Rewards [N] (float32) of whole sequences, in row chunks; any padding side, pad == EOS safe."""
-    out = [sequence_scores(model, c["input_ids"], c["attention_mask"]).float()
+    out = [sequence_logits(model, c["input_ids"], c["attention_mask"]).float()
            for c in row_chunks(input_ids, attention_mask, micro_batch_size)]
     return torch.cat(out) if out else torch.zeros(0, device=input_ids.device)
 
@@ -222,12 +206,6 @@ class RewardModel(IRLModule):
                 world = self.trainer.world_size if self.trainer is not None else 1
                 self.sides[side] = FileSide(source, self.tokenizer, rank, world)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for model in self.source_policies.values():
-            model.eval()
-        return self
-
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.reward_model, self.optimizer_spec, self.total_steps())
         return [optimizer], [scheduler]
@@ -257,7 +235,7 @@ class RewardModel(IRLModule):
             rows = drawn[side]
             count = self.global_sum(torch.tensor(float(len(rows)), device=self.device)).clamp(min=1)
             for chunk in row_chunks(rows.input_ids, rows.attention_mask, self.micro_batch_size):
-                h = sequence_scores(self.reward_model, chunk["input_ids"], chunk["attention_mask"]).float()
+                h = sequence_logits(self.reward_model, chunk["input_ids"], chunk["attention_mask"]).float()
                 # positive (label 1): −log σ(h) = softplus(−h); negative (label 0): softplus(h)
                 loss = 0.5 * F.softplus(sign * h).sum() * world / count
                 self.manual_backward(loss)
@@ -350,7 +328,7 @@ class RewardModel(IRLModule):
             "preset": self.preset,
             "positive": self.sources["positive"].describe(),
             "negative": self.sources["negative"].describe(),
-            "score": "logit at the last attended token (lightning_irl.models.scoring.sequence_scores); "
+            "score": "logit at the last attended token (lightning_irl.models.scoring.sequence_logits); "
                      "reward = log p_positive - log p_negative at the optimum",
         }
 
@@ -427,12 +405,6 @@ class BestOfN(IRLModule):
             tokenizer = spec.load_tokenizer() if own else self.tokenizer
             self.reward_tokenizer = self.tokenizer if same_vocabulary(tokenizer, self.tokenizer) else tokenizer
             self.reward_model = freeze(spec.build_sequence_classifier(self.reward_tokenizer))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.reward_model is not None:
-            self.reward_model.eval()
-        return self
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
         raise RuntimeError("BestOfN trains nothing: use `lightning_irl predict`")

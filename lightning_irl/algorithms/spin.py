@@ -28,33 +28,13 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch
 
-from lightning_irl.algorithms.base import IRLModule
+from lightning_irl.algorithms.base import BATCH_KEYS, IRLModule, freeze, split_micro_batches
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.objectives.logprobs import sequence_logprobs, token_logprobs
 from lightning_irl.objectives.spin import SPIN_LOSS_TYPES, spin_loss
 from lightning_irl.rollout import sample
 
 log = logging.getLogger(__name__)
-
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
-
-
-def split_rows(batch: Dict[str, torch.Tensor], micro_batch_size: Optional[int]) -> Iterator[Dict[str, torch.Tensor]]:
-    """Row slices of aligned [B, T] tensors, each cut after its last attended column.
-
-    Unlike ``base.split_micro_batches`` (which cuts at the longest row's *length* and is only
-    right for right-padded batches), this is also right for rollouts, whose prompts are
-    left-padded: a row with a short prompt and a long response ends in a later column than its
-    attended-token count suggests.
-    """
-    rows = batch["attention_mask"].size(0)
-    step = micro_batch_size or rows
-    for start in range(0, rows, step):
-        part = {k: v[start : start + step] for k, v in batch.items()}
-        columns = part["attention_mask"].bool().any(0).nonzero()
-        width = int(columns[-1]) + 1 if columns.numel() else 1
-        yield {k: v[:, :width] for k, v in part.items()}
-
 
 def identical_fraction(chosen: Dict[str, torch.Tensor], rejected: Dict[str, torch.Tensor]) -> float:
     """Share of rows whose response tokens (loss-mask positions) are the same in both batches."""
@@ -63,11 +43,6 @@ def identical_fraction(chosen: Dict[str, torch.Tensor], rejected: Dict[str, torc
 
     pairs = list(zip(responses(chosen), responses(rejected)))
     return sum(a == b for a, b in pairs) / max(len(pairs), 1)
-
-
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
-    model.requires_grad_(False)
-    return model.eval()
 
 
 class SPIN(IRLModule):
@@ -135,12 +110,6 @@ class SPIN(IRLModule):
         if self.opponent is None:
             self.opponent = freeze(copy.deepcopy(self.policy))
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.opponent is not None:
-            self.opponent.eval()  # Lightning calls .train() on the whole module; keep it frozen
-        return self
-
     def iteration_length(self) -> int:
         if self.steps_per_iteration is not None:
             return self.steps_per_iteration
@@ -185,8 +154,8 @@ class SPIN(IRLModule):
         global_pairs = self.global_sum(local_pairs).clamp(min=1)
         # this rank's share of: loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies
         sums = torch.zeros(5, device=self.device)
-        for chosen_part, rejected_part in zip(split_rows(chosen, self.micro_batch_size),
-                                              split_rows(rejected, self.micro_batch_size)):
+        for chosen_part, rejected_part in zip(split_micro_batches(chosen, self.micro_batch_size),
+                                              split_micro_batches(rejected, self.micro_batch_size)):
             out = spin_loss(*self._pair_logps(chosen_part, rejected_part), beta=self.beta,
                             loss_type=self.loss_type, label_smoothing=self.label_smoothing)
             loss = out.losses.sum() * world / global_pairs
