@@ -19,7 +19,7 @@ from lightning_irl.data import DemonstrationDataModule
 from lightning_irl.data.collate import DemonstrationCollator
 from lightning_irl.data.encode import encode_records
 from lightning_irl.data.sources import SampleSource, encode_pairs
-from lightning_irl.models.scoring import sequence_scores
+from lightning_irl.models.scoring import sequence_logits
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.rollout import SamplingConfig
 
@@ -107,7 +107,7 @@ def test_separates_demonstrations_from_random_strings_and_exports_a_plain_hf_cla
     with torch.no_grad():
         expected = module.score(batch["input_ids"], batch["attention_mask"])
         for model in (reloaded.eval(), as_discriminator.eval()):
-            torch.testing.assert_close(sequence_scores(model, batch["input_ids"], batch["attention_mask"]), expected)
+            torch.testing.assert_close(sequence_logits(model, batch["input_ids"], batch["attention_mask"]), expected)
 
 
 def test_init_sft_logit_approaches_the_exact_log_ratio_on_an_enumerable_toy(tmp_path):
@@ -185,7 +185,7 @@ def test_reward_does_not_depend_on_batch_composition_or_padding_side_with_pad_eq
         batched = best.score_rollout(rollout, [p for p in batch["prompt"] for _ in range(4)])
         for i in range(rollout.input_ids.size(0)):
             ids = rollout.input_ids[i][rollout.attention_mask[i].bool()][None]
-            single = sequence_scores(best.reward_model, ids, torch.ones_like(ids))
+            single = sequence_logits(best.reward_model, ids, torch.ones_like(ids))
             assert float(single) == pytest.approx(float(batched[i]), abs=1e-5)
     torch.manual_seed(0)
     out = best.predict_step(batch, 0)  # same seed, same samples
