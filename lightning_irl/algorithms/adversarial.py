@@ -80,14 +80,13 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from lightning_irl.algorithms.base import IRLModule, OptimizerSpec, build_optimizer, full_state_dict
+from lightning_irl.algorithms.base import IRLModule, OptimizerSpec, build_optimizer
 from lightning_irl.models.discriminator import (
     build_discriminator,
     last_token_index,
@@ -566,13 +565,7 @@ class Adversarial(IRLModule):
         path = self.resolve_export_dir()
         if path is None or not self.export_discriminator:
             return
-        path = self.trainer.strategy.broadcast(path.rstrip("/") + "_discriminator")
-        state_dict = full_state_dict(self.discriminator)
-        if self.trainer.is_global_zero:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.export_model(self.discriminator, path, state_dict)
-            log.info("exported the discriminator to %s", path)
-        self.trainer.strategy.barrier("export_discriminator")
+        self.export_from_all_ranks(self.discriminator, path.rstrip("/") + "_discriminator", "discriminator")
 
 
 __all__ = ["Adversarial", "RolloutScores", "bce_sums", "positionwise_rloo", "reward_to_go", "row_chunks"]

@@ -378,14 +378,17 @@ class IRLModule(L.LightningModule):
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
 
-    def on_fit_end(self) -> None:
-        path = self.resolve_export_dir()
-        if path is None:
-            return
+    def export_from_all_ranks(self, model, path: str, what: str) -> None:
+        """Collective export: every rank gathers (FSDP2 shards), rank 0 writes, all wait."""
         path = self.trainer.strategy.broadcast(path)
-        state_dict = full_state_dict(self.policy)
+        state_dict = full_state_dict(model)
         if self.trainer.is_global_zero:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.export_model(self.policy, path, state_dict)
-            log.info("exported the policy and tokenizer to %s", path)
-        self.trainer.strategy.barrier("export")
+            self.export_model(model, path, state_dict)
+            log.info("exported the %s and tokenizer to %s", what, path)
+        self.trainer.strategy.barrier(f"export {what}")
+
+    def on_fit_end(self) -> None:
+        path = self.resolve_export_dir()
+        if path is not None:
+            self.export_from_all_ranks(self.policy, path, "policy")

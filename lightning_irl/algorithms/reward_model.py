@@ -25,7 +25,6 @@ them with a reward model and returns the best one per prompt with its reward.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
-from lightning_irl.algorithms.base import IRLModule, OptimizerSpec, build_optimizer, freeze, full_state_dict
+from lightning_irl.algorithms.base import IRLModule, OptimizerSpec, build_optimizer, freeze
 from lightning_irl.data.sources import (
     DemonstrationSide,
     FileSide,
@@ -336,14 +335,8 @@ class RewardModel(IRLModule):
         path = self.resolve_export_dir()
         if path is None:
             return
-        path = self.trainer.strategy.broadcast(path)
-        state_dict = full_state_dict(self.reward_model)
-        if self.trainer.is_global_zero:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.reward_model.config.lightning_irl_reward_model = self.export_info()
-            self.export_model(self.reward_model, path, state_dict)
-            log.info("exported the reward model and tokenizer to %s", path)
-        self.trainer.strategy.barrier("export")
+        self.reward_model.config.lightning_irl_reward_model = self.export_info()
+        self.export_from_all_ranks(self.reward_model, path, "reward model")
 
 
 def _drop_loaded_policies(module, state_dict, prefix, local_metadata) -> None:
