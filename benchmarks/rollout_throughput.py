@@ -4,7 +4,8 @@ Same model, same left-padded prompts, same sampling settings and seeds (so both 
 tokens), measured side by side in one run, interleaved repeat by repeat. Throughput is sampled
 response tokens (up to and including EOS) per second. ``sample`` does more than ``generate``: it
 builds masks, decodes texts and, by default, recomputes the per-token log-probabilities under the
-policy in one extra forward pass; both ratios are printed.
+policy in one extra forward pass (``logprobs_from="forward"``), or takes them from the raw logits
+``generate`` already computed (``logprobs_from="generate"``); all three ratios are printed.
 
     python benchmarks/rollout_throughput.py                      # CPU, a small Llama
     python benchmarks/rollout_throughput.py --device cuda --hidden 512 --layers 8 --prompts 128
@@ -13,6 +14,7 @@ policy in one extra forward pass; both ratios are printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -68,15 +70,17 @@ def main() -> None:
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
         return int(response_mask_from_ids(out[:, ids.size(1):], tok.eos_token_id).sum())
 
-    def ours(logprobs: bool):
-        return lambda: sample(model, tok, ids, mask, config, compute_logprobs=logprobs).num_tokens()
+    def ours(logprobs: bool, source: str = "forward"):
+        cfg = dataclasses.replace(config, logprobs_from=source)
+        return lambda: sample(model, tok, ids, mask, cfg, compute_logprobs=logprobs).num_tokens()
 
-    variants = {"generate": direct, "rollout (no log-probs)": ours(False), "rollout (+ log-probs)": ours(True)}
+    variants = {"generate": direct, "rollout (no log-probs)": ours(False), "rollout (+ log-probs)": ours(True),
+                "rollout (log-probs from generate)": ours(True, "generate")}
     times = {name: [] for name in variants}
     tokens = {}
     names = list(variants)
     for repeat in range(args.repeats + 1):  # the first round warms up
-        for name in names[repeat % 3:] + names[: repeat % 3]:  # rotate the order: no position bias
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:  # rotate the order: no position bias
             fn = variants[name]
             torch.manual_seed(repeat)
             sync()
@@ -96,10 +100,12 @@ def main() -> None:
     for name in variants:
         t = statistics.median(times[name])
         rate[name] = statistics.mean(tokens[name]) / t
-        print(f"  {name:24s} {t * 1000:8.1f} ms   {rate[name]:10.0f} sampled tokens/s")
+        print(f"  {name:34s} {t * 1000:8.1f} ms   {rate[name]:10.0f} sampled tokens/s")
     base = rate["generate"]
     print(f"ratio rollout/generate without log-prob recomputation: {rate['rollout (no log-probs)'] / base:.3f}")
     print(f"ratio rollout/generate with log-prob recomputation:    {rate['rollout (+ log-probs)'] / base:.3f}")
+    print(f"ratio rollout/generate, log-probs from generate logits: "
+          f"{rate['rollout (log-probs from generate)'] / base:.3f}")
 
 
 if __name__ == "__main__":

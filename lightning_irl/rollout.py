@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from lightning_irl.objectives.logprobs import token_logprobs
+from lightning_irl.objectives.logprobs import gather_token_logprobs, token_logprobs
 
 
 @dataclass
@@ -33,6 +33,10 @@ class SamplingConfig:
     a Hub model's ``generation_config`` may carry are switched off, so that at temperature 1 with
     top-p 1 and top-k 0 the samples come from the policy itself (what KL estimates assume).
         num_samples: Responses per prompt (k); samples of one prompt are contiguous rows.
+        logprobs_from: ``forward`` (default) recomputes the response log-probs in one full
+            forward pass, exactly as training computes them; ``generate`` takes them from the raw
+            (pre-temperature) logits ``generate`` already produced with its KV cache: no extra
+            pass, equal up to float rounding of cached vs full attention.
     """
 
     max_new_tokens: int = 32
@@ -41,6 +45,11 @@ class SamplingConfig:
     top_k: int = 0
     do_sample: bool = True
     num_samples: int = 1
+    logprobs_from: str = "forward"
+
+    def __post_init__(self) -> None:
+        if self.logprobs_from not in ("forward", "generate"):
+            raise ValueError(f"logprobs_from must be 'forward' or 'generate', got {self.logprobs_from!r}")
 
 
 @dataclass
@@ -118,10 +127,18 @@ def sample(
         prompt_attention_mask = prompt_attention_mask.repeat_interleave(k, dim=0)
     was_training = model.training
     model.eval()
+    from_generate = compute_logprobs and config.logprobs_from == "generate"
+    kwargs = generate_kwargs(tokenizer, config, synced_gpus)
+    if from_generate:
+        kwargs.update(return_dict_in_generate=True, output_logits=True)
     try:
-        output = model.generate(input_ids=prompt_input_ids, attention_mask=prompt_attention_mask,
-                                **generate_kwargs(tokenizer, config, synced_gpus))
-        return _assemble(model, tokenizer, prompt_input_ids, prompt_attention_mask, output, compute_logprobs)
+        output = model.generate(input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, **kwargs)
+        step_logits = None
+        if from_generate:
+            step_logits = torch.stack(output.logits, dim=1) if output.logits else None  # [N, R, V], raw
+            output = output.sequences
+        return _assemble(model, tokenizer, prompt_input_ids, prompt_attention_mask, output, compute_logprobs,
+                         step_logits)
     finally:
         if was_training:
             model.train()
@@ -152,7 +169,7 @@ def generate_kwargs(tokenizer, config: SamplingConfig, synced_gpus: Optional[boo
 
 
 def _assemble(model, tokenizer, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor,
-              output: torch.Tensor, compute_logprobs: bool) -> Rollout:
+              output: torch.Tensor, compute_logprobs: bool, step_logits: Optional[torch.Tensor] = None) -> Rollout:
     prompt_length = prompt_input_ids.size(1)
     response_ids = output[:, prompt_length:]
     if response_ids.size(1) == 0:  # nothing generated at all: one masked-out pad column
@@ -165,7 +182,14 @@ def _assemble(model, tokenizer, prompt_input_ids: torch.Tensor, prompt_attention
     input_ids = torch.cat([prompt_input_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_attention_mask.long(), response_mask], dim=1)
     loss_mask = torch.cat([torch.zeros_like(prompt_attention_mask, dtype=torch.long), response_mask], dim=1)
-    logprobs = token_logprobs(model, input_ids, attention_mask) if compute_logprobs else None
+    logprobs = None
+    if step_logits is not None:
+        # shifted alignment: entry t scores token t+1, so response token j sits at P-1+j
+        logprobs = torch.zeros(input_ids.size(0), input_ids.size(1) - 1, device=input_ids.device)
+        response_logps = gather_token_logprobs(step_logits, response_ids) * response_mask
+        logprobs[:, prompt_length - 1 :] = response_logps
+    elif compute_logprobs:
+        logprobs = token_logprobs(model, input_ids, attention_mask)
     texts = tokenizer.batch_decode(
         [ids[mask.bool()].tolist() for ids, mask in zip(response_ids, response_mask)],
         skip_special_tokens=True,

@@ -174,3 +174,28 @@ def test_predict_rows_follow_the_k_sample_layout(tiny_spec):
     for row in rows:
         assert set(row) >= {"prompt", "response", "logprob", "finished"}
         assert row["logprob"] <= 0.0
+
+
+def test_logprobs_from_generate_equal_the_recomputed_ones(setup):
+    """The KV-cached raw logits of ``generate`` give the same response log-probs as one full
+    forward pass (up to float rounding), for the same samples."""
+    from lightning_irl.data.tasks import get_task
+    from lightning_irl.data.collate import DemonstrationCollator
+    from lightning_irl.data.encode import encode_records
+
+    model, tokenizer = setup
+    examples, _ = encode_records(get_task("modes").records(6, seed=3), tokenizer)
+    batch = DemonstrationCollator(tokenizer.pad_token_id)(examples)
+    rollouts = {}
+    for source in ("forward", "generate"):
+        torch.manual_seed(11)
+        config = SamplingConfig(max_new_tokens=7, num_samples=3, logprobs_from=source)
+        rollouts[source] = sample(model, tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"], config)
+    forward, generate = rollouts["forward"], rollouts["generate"]
+    assert torch.equal(forward.input_ids, generate.input_ids)
+    mask = forward.loss_mask[:, 1:].bool()
+    assert mask.sum() > 20
+    torch.testing.assert_close(generate.logprobs[mask], forward.logprobs[mask], atol=1e-5, rtol=1e-5)
+    assert torch.all(generate.logprobs[~mask] == 0)
+    with pytest.raises(ValueError, match="logprobs_from"):
+        SamplingConfig(logprobs_from="scores")
