@@ -10,14 +10,6 @@ from lightning_irl.rollout import SamplingConfig, generate_kwargs, response_mask
 PROMPTS = ["c a b =", "d b a f g =", "h a ="]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: intra-op threads only add synchronisation (and stall badly on a busy 2-core box)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def setup():

@@ -29,16 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CLI = os.path.join(os.path.dirname(sys.executable), "lightning_irl")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine two OpenMP threads
-    spin-wait for each other (30x slower here): run these tests on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _spec(seed):
     return ModelSpec(config=dict(TINY_LLAMA), tokenizer="task:modes", seed=seed)
 

@@ -18,13 +18,6 @@ KNOWN_EXPERT = ["eval/forward_kl", "eval/reverse_kl", "eval/invalid_mass",
 ANY_TASK = ["eval/entropy", "eval/distinct_1", "eval/distinct_2", "eval/self_bleu", "eval/response_length"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def events(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
