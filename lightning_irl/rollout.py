@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from lightning_irl.objectives.logprobs import gather_token_logprobs, token_logprobs
+from lightning_irl.objectives.logprobs import gather_token_logprobs, sequence_logprobs, token_logprobs
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Rollout:
         """log π(y|x) of each whole response (EOS included): [N]. Needs ``logprobs``."""
         if self.logprobs is None:
             raise ValueError("this rollout was sampled with compute_logprobs=False")
-        return (self.logprobs * self.loss_mask[:, 1:].to(self.logprobs.dtype)).sum(-1)
+        return sequence_logprobs(self.logprobs, self.loss_mask[:, 1:])
 
     @property
     def response_lengths(self) -> torch.Tensor:

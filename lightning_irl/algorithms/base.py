@@ -17,7 +17,7 @@ from transformers import get_scheduler
 
 from lightning_irl.metrics.evaluation import EvalConfig, SampleEvaluator, take_prompts
 from lightning_irl.models.spec import ModelSpec
-from lightning_irl.objectives.logprobs import sequence_logprobs, token_logprobs, token_nll_sum
+from lightning_irl.objectives.logprobs import token_logprobs, token_nll_sum
 from lightning_irl.rollout import Rollout, SamplingConfig, sample
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ class IRLModule(L.LightningModule):
 
     def predict_step(self, batch: Dict[str, Any], batch_idx: int) -> List[Dict[str, Any]]:
         rollout = self.rollout(batch)
-        seq_logps = sequence_logprobs(rollout.logprobs, rollout.loss_mask[:, 1:])
+        seq_logps = rollout.sequence_logprobs
         k = self.sampling.num_samples
         return [
             {"prompt": batch["prompt"][i // k], "response": rollout.responses[i],
