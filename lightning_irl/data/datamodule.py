@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import lightning as L
 import torch
@@ -53,6 +53,12 @@ class DemonstrationDataModule(L.LightningDataModule):
         task: A built-in task with a known expert (``modes``, ...): demonstrations are drawn from
             it (``num_train``/``num_val``/``num_test`` records, seeded) and evaluation metrics
             can compare samples with the exact expert.
+        task_args: Options of ``task`` (its constructor arguments), e.g. ``{weights: [0.2, 0.3,
+            0.5], min_length: 4}`` for ``modes`` or ``{weights: {weather: [1, 1, 1]}}`` for
+            ``grammar``; see ``lightning_irl.data.tasks``. The evaluation metrics score against
+            the task as configured here. An option that changes the vocabulary (the ``modes``
+            alphabet) needs the matching model tokenizer, ``task:modes?alphabet=...``: setup
+            stops with an error when the tokenizer would turn a task symbol into ``<unk>``.
         train_file: JSONL / JSON / Parquet / CSV file or a ``datasets.save_to_disk`` folder.
         val_file: Validation records; without one, ``val_fraction`` of the training records
             (seeded split) are held out.
@@ -84,6 +90,7 @@ class DemonstrationDataModule(L.LightningDataModule):
     def __init__(
         self,
         task: Optional[str] = None,
+        task_args: Optional[Dict[str, Any]] = None,
         num_train: int = 2000,
         num_val: int = 200,
         num_test: int = 200,
@@ -122,8 +129,12 @@ class DemonstrationDataModule(L.LightningDataModule):
             raise ValueError("val_fraction must be in [0, 1)")
         if pack_length is not None and pack_length < 1:
             raise ValueError("pack_length must be a positive number of tokens")
+        if task_args is not None and not task:
+            raise ValueError("data.task_args needs data.task: they are the options of a built-in task")
+        if task_args is not None and not isinstance(task_args, Mapping):
+            raise ValueError(f"data.task_args must be a mapping of option: value, got {task_args!r}")
         self.save_hyperparameters()
-        self.task: Optional[KnownExpertTask] = get_task(task) if task else None
+        self.task: Optional[KnownExpertTask] = get_task(task, **dict(task_args or {})) if task else None
         self.tokenizer = None
         self.datasets: Dict[str, List[Dict[str, Any]]] = {}
         self.stats: Dict[str, EncodeStats] = {}
@@ -175,6 +186,7 @@ class DemonstrationDataModule(L.LightningDataModule):
             self.tokenizer = getattr(module, "tokenizer", None)
         if self.tokenizer is None:
             raise RuntimeError("DemonstrationDataModule needs a tokenizer: set_tokenizer() or a module with one")
+        self._check_task_vocabulary()
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}[stage]
         if stage == "fit" and self.hparams.packing:
             module = self.trainer.lightning_module if self.trainer is not None else None
@@ -203,6 +215,27 @@ class DemonstrationDataModule(L.LightningDataModule):
 
     def set_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+
+    def _check_task_vocabulary(self) -> None:
+        """Stop before encoding if the tokenizer cannot spell every task symbol.
+
+        A symbol that becomes ``<unk>`` (e.g. a ``modes`` alphabet wider than the tokenizer's)
+        would train on indistinguishable tokens and decode to text no metric can score.
+        """
+        tokenizer = self.tokenizer
+        if self.task is None:
+            return
+        unk = tokenizer.unk_token_id
+        missing = []
+        for symbol in self.task.vocabulary():
+            ids = tokenizer(symbol, add_special_tokens=False)["input_ids"]
+            if not ids or (unk is not None and unk in ids):
+                missing.append(symbol)
+        if missing:
+            shown = " ".join(missing[:12]) + (f" (+{len(missing) - 12} more)" if len(missing) > 12 else "")
+            raise DataError(f"data.task {self.task.name}: the tokenizer cannot encode task symbol(s) {shown} "
+                            f"(they would become {tokenizer.unk_token or 'no token'}); give the model the "
+                            f"task's tokenizer: tokenizer: \"{self.task.tokenizer_spec()}\"")
 
     def _report(self, split: str, stats: EncodeStats) -> None:
         values = stats.as_dict()

@@ -74,6 +74,8 @@ class ModelSpec:
             ids are filled in from the tokenizer.
         tokenizer: Hub id or folder of the tokenizer (default: ``model_name_or_path``), or
             ``task:<name>`` for the word-level tokenizer of a built-in task (scratch models).
+            A task option that changes the vocabulary goes after ``?``:
+            ``task:modes?alphabet=abcdefghij`` to match ``data.task_args: {alphabet: abcdefghij}``.
         dtype: Weights dtype at load: ``float32`` (default; Lightning's precision flag then
             chooses the compute dtype), ``bfloat16``, ``float16`` or ``auto``.
         trust_remote_code: Run code shipped with a Hub model. Off unless you turn it on.
@@ -117,9 +119,9 @@ class ModelSpec:
                 "or task:<name> for a built-in task)"
             )
         if source.startswith("task:"):
-            from lightning_irl.data.tasks import get_task
+            from lightning_irl.data.tasks import task_tokenizer
 
-            tokenizer = get_task(source.split(":", 1)[1]).build_tokenizer()
+            tokenizer = task_tokenizer(source)
         else:
             tokenizer = AutoTokenizer.from_pretrained(
                 source, trust_remote_code=self.trust_remote_code

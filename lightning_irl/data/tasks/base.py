@@ -8,9 +8,11 @@ score decoded samples against the exact expert.
 from __future__ import annotations
 
 import abc
+import inspect
 import math
+import numbers
 import random
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from transformers import PreTrainedTokenizerFast
 
@@ -29,6 +31,25 @@ class KnownExpertTask(abc.ABC):
     """
 
     name: str = "task"
+    #: Constructor options that change ``vocabulary()`` (and so the task's tokenizer); these, and
+    #: only these, may be spelled in a ``task:<name>?option=value`` tokenizer string.
+    tokenizer_options: Tuple[str, ...] = ()
+
+    @classmethod
+    def option_defaults(cls) -> Dict[str, Any]:
+        """Every constructor option with its default: the options ``get_task`` accepts."""
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        return {p.name: p.default for p in params}
+
+    def tokenizer_spec(self) -> str:
+        """The ``tokenizer:`` string that builds this task's tokenizer (``task:modes?alphabet=abcdefghij``).
+
+        Options left at their default are not written: a default task gives plain ``task:<name>``.
+        """
+        defaults = self.option_defaults()
+        query = [f"{key}={_quote(str(getattr(self, key)))}" for key in self.tokenizer_options
+                 if getattr(self, key) != defaults[key]]
+        return f"task:{self.name}" + ("?" + "&".join(query) if query else "")
 
     @abc.abstractmethod
     def sample_prompt(self, rng: random.Random) -> str:
@@ -79,3 +100,45 @@ class KnownExpertTask(abc.ABC):
         from lightning_irl.models.tokenizers import word_level_tokenizer
 
         return word_level_tokenizer(self.vocabulary())
+
+
+def _quote(value: str) -> str:
+    # '&' separates options in a tokenizer string; '%' starts an escape there.
+    return value.replace("%", "%25").replace("&", "%26")
+
+
+# ---- option checks shared by the tasks: each raises one ValueError line naming the task ----------
+def _is_number(value: Any) -> bool:
+    # bool is an int to Python, but `weights: [true, 1, 1]` is a typo, not a weight.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_weights(task: str, option: str, value: Any, modes: Sequence[str]) -> Dict[str, float]:
+    """Positive finite weights for ``modes``, given in that order or as a ``{mode: weight}`` mapping
+    naming every mode; returned normalised to sum to 1."""
+    count = {2: "two", 3: "three"}.get(len(modes), str(len(modes)))
+    wanted = f"{option} must be {count} positive numbers for {', '.join(modes)}"
+    if isinstance(value, Mapping):
+        if set(value) != set(modes):
+            raise ValueError(f"{task}: {wanted} (a mapping must name exactly {', '.join(modes)}), "
+                             f"got {dict(value)!r}")
+        values = [value[mode] for mode in modes]
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        values = list(value)
+    else:
+        raise ValueError(f"{task}: {wanted}, got {value!r}")
+    if len(values) != len(modes) or not all(_is_number(w) and w > 0 for w in values):
+        raise ValueError(f"{task}: {wanted}, got {_plain(value)!r}")
+    total = float(sum(values))
+    return {mode: w / total for mode, w in zip(modes, values)}
+
+
+def check_int(task: str, option: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{task}: {option} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _plain(value: Any) -> Any:
+    # tuples and ListConfig-like sequences print as lists, which is how a user wrote them
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value

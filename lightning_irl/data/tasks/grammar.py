@@ -10,9 +10,11 @@ expert's modes — with unequal, intent-dependent weights:
 
 Inside a family, synonym slots (``{Sure|Certainly}``, rainy/wet, ...) are chosen uniformly, so a
 prompt has 7–10 valid responses, each with an exact probability
-``p_E(y|x) = w(family | intent) / #phrasings(family, intent)``. Families start with different
-words, so every response belongs to exactly one mode. The weather of each city is a fixed fact
-the policy has to learn; everything else is copied from the prompt.
+``p_E(y|x) = w(family | intent) / #phrasings(family, intent)``. The weights ``w`` in ``INTENTS``
+are the defaults; ``GrammarTask(weights=...)`` (``get_task("grammar", weights=...)``,
+``data.task_args``) replaces them for every intent or for named intents. Families start with
+different words, so every response belongs to exactly one mode. The weather of each city is a
+fixed fact the policy has to learn; everything else is copied from the prompt.
 
 The tokenizer is a byte-pair-encoding one trained offline (``tokenizers``) on the task's own
 text: every prompt and every valid response, in a fixed order, so it is the same on every run.
@@ -26,11 +28,11 @@ import itertools
 import random
 import re
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from transformers import PreTrainedTokenizerFast
 
-from lightning_irl.data.tasks.base import KnownExpertTask, normalize
+from lightning_irl.data.tasks.base import KnownExpertTask, check_int, check_weights, normalize
 
 CITY_WEATHER = {
     "Paris": "rain", "London": "rain", "Rome": "sun", "Cairo": "sun",
@@ -51,8 +53,8 @@ ITEMS = ("apples", "books", "lamps", "shirts")
 
 MODES = ("direct", "polite", "detailed")
 
-# intent -> (prompt template, {mode: (weight, response template)}). ``{a|b}`` is a synonym choice,
-# ``{slot}`` a value from the prompt (a tuple value is itself a synonym choice).
+# intent -> (prompt template, {mode: (default weight, response template)}). ``{a|b}`` is a synonym
+# choice, ``{slot}`` a value from the prompt (a tuple value is itself a synonym choice).
 INTENTS = {
     "weather": ("Describe the weather in {city} .", {
         "direct": (0.5, "It is {adj} in {city} ."),
@@ -105,12 +107,22 @@ class GrammarTask(KnownExpertTask):
     Args:
         vocab_size: Size of the BPE vocabulary trained on the task's text (special tokens
             included); small enough that many words are split into pieces.
+        weights: The expert's family weights ``w(direct, polite, detailed | intent)``, replacing
+            the defaults of ``INTENTS``; each set is normalised to sum to 1. Either three
+            positive numbers for direct, polite, detailed (or a ``{direct: .., polite: ..,
+            detailed: ..}`` mapping), used for every intent, or a mapping from intent
+            (``weather``, ``greeting``, ``summary``) to such weights: intents not named keep
+            their defaults, e.g. ``{weather: [1, 1, 1]}``. The weights do not change the text
+            the tokenizer is trained on, so the tokenizer stays the same.
     """
 
     name = "grammar"
+    tokenizer_options = ("vocab_size",)
 
-    def __init__(self, vocab_size: int = 320) -> None:
-        self.vocab_size = vocab_size
+    def __init__(self, vocab_size: int = 320,
+                 weights: Optional[Union[Sequence[float], Mapping[str, Any]]] = None) -> None:
+        self.vocab_size = check_int(self.name, "vocab_size", vocab_size, 4)
+        self.weights = _intent_weights(weights)
         self._by_prompt: Dict[str, Tuple[str, Dict[str, object]]] = {}
         self._by_intent: Dict[str, List[str]] = {}
         for intent, slot_list in _prompt_slots().items():
@@ -152,7 +164,7 @@ class GrammarTask(KnownExpertTask):
 
     def _compute_support(self, prompt: str) -> Tuple[Tuple[str, float, str], ...]:
         intent, _ = self._parse(prompt)
-        weights = {mode: w for mode, (w, _) in INTENTS[intent][1].items()}
+        weights = self.weights[intent]
         rows = []
         for mode, responses in self.phrasings(prompt).items():
             for response in responses:
@@ -173,7 +185,7 @@ class GrammarTask(KnownExpertTask):
 
     def mode_weights(self, prompt: str) -> Dict[str, float]:
         intent, _ = self._parse(prompt)
-        return {mode: w for mode, (w, _) in INTENTS[intent][1].items()}
+        return dict(self.weights[intent])
 
     def sample_prompt(self, rng: random.Random) -> str:
         intent = rng.choice(sorted(self._by_intent))
@@ -197,6 +209,29 @@ class GrammarTask(KnownExpertTask):
 
     def build_tokenizer(self) -> PreTrainedTokenizerFast:
         return bpe_tokenizer(self.corpus(), self.vocab_size)
+
+
+def _intent_weights(value: Any) -> Dict[str, Dict[str, float]]:
+    """``GrammarTask``'s ``weights`` option checked and resolved to ``{intent: {mode: weight}}``."""
+    # Defaults are used as written (not renormalised) so default probabilities stay bit-identical.
+    out = {intent: {mode: w for mode, (w, _) in modes.items()} for intent, (_, modes) in INTENTS.items()}
+    if value is None:
+        return out
+    per_intent = isinstance(value, Mapping) and not (value and set(value) <= set(MODES))
+    if not per_intent:
+        if not isinstance(value, (Mapping, Sequence)) or isinstance(value, str):
+            raise ValueError(f"grammar: weights must be three positive numbers for {', '.join(MODES)} (every "
+                             f"intent) or a mapping from intent ({', '.join(INTENTS)}) to such numbers, "
+                             f"got {value!r}")
+        shared = check_weights("grammar", "weights", value, MODES)
+        return {intent: dict(shared) for intent in out}
+    unknown = [key for key in value if key not in INTENTS]
+    if unknown:
+        raise ValueError(f"grammar: weights: unknown intent {unknown[0]!r}; the intents are "
+                         f"{', '.join(INTENTS)} (or give three numbers for {', '.join(MODES)} for every intent)")
+    for intent, weights in value.items():
+        out[intent] = check_weights("grammar", f"weights.{intent}", weights, MODES)
+    return out
 
 
 def bpe_tokenizer(lines: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:

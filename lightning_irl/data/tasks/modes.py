@@ -1,8 +1,10 @@
 """The quickstart task: one prompt, three ways to answer it, with unequal weights.
 
 A prompt is a string of distinct letters followed by ``=``. The expert copies it (weight 0.6),
-reverses it (0.3) or sorts it (0.1). Prompts that are already sorted either way are never drawn,
-so the three answers are always distinct and every response belongs to at most one mode. A
+reverses it (0.3) or sorts it (0.1) by default; the weights, the prompt lengths and the alphabet
+are options (``get_task("modes", weights=[1, 1, 1])``, ``data.task_args``). Prompts that are
+already sorted either way are never drawn, so the three answers are always distinct and every
+response belongs to at most one mode. A
 policy that mixes modes mid-answer ("c a b f" for "c a f b") puts mass outside the support: the
 failure mode of mass-covering objectives on a capacity-limited model.
 """
@@ -10,38 +12,57 @@ failure mode of mass-covering objectives on a capacity-limited model.
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
-from lightning_irl.data.tasks.base import KnownExpertTask, normalize
+from lightning_irl.data.tasks.base import KnownExpertTask, check_int, check_weights, normalize
 
 SEPARATOR = "="
+MODES = ("copy", "reverse", "sort")
 
 
 class ModesTask(KnownExpertTask):
+    """Copy, reverse or sort a prompt of distinct letters.
+
+    Args:
+        alphabet: The prompt symbols, one character each (distinct, no white space, not ``=``).
+            A different alphabet changes the vocabulary: give the model the matching tokenizer,
+            ``tokenizer: "task:modes?alphabet=<alphabet>"``.
+        min_length: Fewest letters in a prompt (at least 3: two letters are always sorted one
+            way or the other, so copy, reverse and sort could not all differ).
+        max_length: Most letters in a prompt (at most ``len(alphabet)``).
+        weights: Weights of copy, reverse and sort, as three positive numbers in that order or
+            a ``{copy: .., reverse: .., sort: ..}`` mapping; normalised to sum to 1.
+    """
+
     name = "modes"
+    tokenizer_options = ("alphabet",)
 
     def __init__(
         self,
         alphabet: str = "abcdefgh",
         min_length: int = 3,
         max_length: int = 5,
-        weights: Sequence[float] = (0.6, 0.3, 0.1),
+        weights: Union[Sequence[float], Mapping[str, float]] = (0.6, 0.3, 0.1),
     ) -> None:
-        if len(set(alphabet)) != len(alphabet) or len(alphabet) < max_length:
-            raise ValueError("alphabet must hold distinct symbols, at least max_length of them")
-        if not 2 <= min_length <= max_length:
-            raise ValueError("need 2 <= min_length <= max_length")
-        if len(weights) != 3 or any(w <= 0 for w in weights):
-            raise ValueError("weights: three positive numbers for copy, reverse, sort")
-        total = float(sum(weights))
+        if not isinstance(alphabet, str) or not alphabet:
+            raise ValueError(f"modes: alphabet must be a string of distinct one-character symbols, got {alphabet!r}")
+        if any(c.isspace() or c == SEPARATOR for c in alphabet):
+            raise ValueError(f"modes: alphabet must not hold white space or the separator {SEPARATOR!r}, "
+                             f"got {alphabet!r}")
+        repeated = sorted({c for c in alphabet if alphabet.count(c) > 1})
+        if repeated:
+            raise ValueError(f"modes: alphabet symbols must be distinct, {''.join(repeated)!r} repeat in {alphabet!r}")
+        min_length = check_int(self.name, "min_length", min_length, 3)
+        max_length = check_int(self.name, "max_length", max_length, 3)
+        if min_length > max_length:
+            raise ValueError(f"modes: need min_length <= max_length, got {min_length} > {max_length}")
+        if max_length > len(alphabet):
+            raise ValueError(f"modes: max_length {max_length} needs at least that many alphabet symbols, "
+                             f"{alphabet!r} has {len(alphabet)}")
         self.alphabet = alphabet
         self.min_length = min_length
         self.max_length = max_length
-        self.weights = {
-            "copy": weights[0] / total,
-            "reverse": weights[1] / total,
-            "sort": weights[2] / total,
-        }
+        self.weights = check_weights(self.name, "weights", weights, MODES)
 
     def vocabulary(self) -> List[str]:
         return list(self.alphabet) + [SEPARATOR]
