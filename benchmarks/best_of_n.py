@@ -15,13 +15,19 @@
 3. On ``--prompts`` held-out prompts, sample 16 responses per prompt from the SFT policy
    (``BestOfN.rollout``, temperature 1) and score each with
    - ``learned <pairing>``: the reward model (``BestOfN.score_rollout``);
-   - ``oracle log p_E``: the task's exact expert log-probability (−inf outside its support);
+   - ``oracle log p_E``: the task's exact expert log-probability (−inf outside its support, for a
+     response cut by the length cap and for one with a special token inside);
    - ``exact <pairing> target``: the pairing's optimum computed exactly from the sampled tokens
      (``log π_SFT − log π_init``; ``log p_E − log π_SFT``).
 4. For each N ∈ {1, 2, 4, 8, 16}: split each prompt's 16 samples into 16/N disjoint groups of N,
    keep each group's highest-reward sample (first on ties), and report over all kept samples:
-   - ``log p_E``: mean expert log-likelihood, with ``log p_E`` floored at log(1e-6) ≈ −13.8 for
-     responses outside the support (and for responses cut by the length cap);
+   - ``reverse KL ≤``: an upper bound on KL(π_N ‖ p̃_E), the reverse KL of the Best-of-N policy π_N
+     to the smoothed expert of ``eval/reverse_kl`` (p̃_E = (1 − ε)·p_E + ε·V^(−L), a random typist
+     mixed in; ``lightning_irl.metrics.functional``), ± the standard error of its sampled part.
+     KL(π_N‖p̃_E) = KL(π_N‖π_SFT) + E_{π_N}[log π_SFT − log p̃_E]; the first term is at most
+     log N − (N − 1)/N (Beirami et al. 2024, "Theoretical guarantees on the best-of-n alignment
+     policy"), the second is the mean over the kept samples. Exact at N = 1 (the SFT policy);
+   - ``log p̃_E``: mean log-likelihood of the kept samples under the smoothed expert;
    - ``valid log p_E``: the mean over the kept samples that are valid (no floor involved);
    - ``invalid``: share of the kept samples outside the support: the invalid mass of the
      Best-of-N policy (N = 1 is the SFT policy's own invalid mass);
@@ -30,7 +36,8 @@
    Also printed: each reward's AUROC at ranking the SFT's valid samples above its invalid ones,
    and the correlation of each learned reward with its exact target.
 
-Numbers come from ``task.log_prob`` / ``task.mode_of`` directly.
+Numbers come from ``task.log_prob`` / ``task.mode_of`` and ``lightning_irl.metrics.functional``
+(``rollout_expert_logps``, ``smoothed_expert_logp``: the definitions behind ``eval/reverse_kl``).
 """
 
 from __future__ import annotations
@@ -55,11 +62,12 @@ from lightning_irl.algorithms import SFT, BestOfN, OptimizerSpec, RewardModel  #
 from lightning_irl.data import DemonstrationDataModule  # noqa: E402
 from lightning_irl.data.sources import left_pad_prompts  # noqa: E402
 from lightning_irl.data.tasks import get_task  # noqa: E402
+from lightning_irl.metrics import SMOOTHING  # noqa: E402
+from lightning_irl.metrics.functional import estimate, rollout_expert_logps, smoothed_expert_logp  # noqa: E402
 from lightning_irl.models.spec import ModelSpec  # noqa: E402
 from lightning_irl.objectives.logprobs import token_logprobs  # noqa: E402
 from lightning_irl.rollout import SamplingConfig  # noqa: E402
 
-LOG_FLOOR = math.log(1e-6)
 MODES = ("copy", "reverse", "sort")
 NS = (1, 2, 4, 8, 16)
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -117,6 +125,7 @@ def candidates(init: str, sft: str, reward_models: Dict[str, str], args) -> List
         scorers[pairing].eval()
     best = next(iter(scorers.values()))  # its policy samples; every module scores
     initial = folder(init).build_causal_lm(best.tokenizer).eval()
+    vocab_size = best.policy.get_output_embeddings().weight.shape[0]
     prompts = task.prompts(args.prompts, seed=10_000 + args.seed)  # not among the training prompts' seeds
     torch.manual_seed(args.seed)
     rows = []
@@ -131,16 +140,19 @@ def candidates(init: str, sft: str, reward_models: Dict[str, str], args) -> List
         mask = rollout.loss_mask[:, 1:].float()
         log_sft = rollout.sequence_logprobs.tolist()
         log_init = (token_logprobs(initial, rollout.input_ids, rollout.attention_mask) * mask).sum(-1).tolist()
+        string_logp, token_logp, lengths = rollout_expert_logps(task, best.tokenizer, chunk, rollout, n)
+        smoothed = smoothed_expert_logp(token_logp, lengths, vocab_size, SMOOTHING).tolist()
+        string_logp = string_logp.tolist()
         for i, prompt in enumerate(chunk):
             group = []
             for j in range(i * n, (i + 1) * n):
-                response, finished = rollout.responses[j], bool(rollout.finished[j])
-                log_pe = task.log_prob(prompt, response) if finished else -math.inf
+                response, finished, log_pe = rollout.responses[j], bool(rollout.finished[j]), string_logp[j]
                 scores = {"oracle": log_pe, "exact init_sft": log_sft[j] - log_init[j],
                           "exact sft_demo": log_pe - log_sft[j]}
                 scores.update({f"learned {k}": v[j] for k, v in learned.items()})
                 group.append({"response": response, "finished": finished, "log_pe": log_pe, "scores": scores,
-                              "mode": task.mode_of(prompt, response) if finished else None})
+                              "log_sft": log_sft[j], "log_pe_smoothed": smoothed[j],
+                              "mode": task.mode_of(prompt, response) if math.isfinite(log_pe) else None})
             rows.append({"prompt": prompt, "candidates": group})
     return rows
 
@@ -155,10 +167,13 @@ def select(rows: List[Dict], n: int, key: str) -> List[Dict]:
     return chosen
 
 
-def summarise(chosen: List[Dict], weights: Dict[str, float]) -> Dict[str, float]:
+def summarise(chosen: List[Dict], weights: Dict[str, float], n: int) -> Dict[str, float]:
     valid = [c for c in chosen if math.isfinite(c["log_pe"])]
+    sampled, sampled_se = estimate(torch.tensor([c["log_sft"] - c["log_pe_smoothed"] for c in chosen]))
     out = {
-        "log_pe": sum(max(c["log_pe"], LOG_FLOOR) for c in chosen) / len(chosen),
+        "reverse_kl_bound": math.log(n) - (n - 1) / n + sampled,
+        "reverse_kl_se": sampled_se,
+        "log_pe_smoothed": sum(c["log_pe_smoothed"] for c in chosen) / len(chosen),
         "valid_log_pe": sum(c["log_pe"] for c in valid) / len(valid) if valid else float("nan"),
         "invalid": 1 - len(valid) / len(chosen),
     }
@@ -218,7 +233,7 @@ def main() -> None:
     rows = candidates(init, sft, reward_models, args)
     every = [c for r in rows for c in r["candidates"]]
     keys = [f"learned {p}" for p in pairings] + ["oracle"] + [f"exact {p}" for p in pairings]
-    table = {key: {n: summarise(select(rows, n, key), weights) for n in NS} for key in keys}
+    table = {key: {n: summarise(select(rows, n, key), weights, n) for n in NS} for key in keys}
     corr = {}
     for pairing in pairings:
         pairs = [(c["scores"][f"learned {pairing}"], c["scores"][f"exact {pairing}"]) for c in every
@@ -241,11 +256,14 @@ def main() -> None:
               f"Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f}")
     print("how well each reward ranks the SFT's valid samples above its invalid ones (AUROC over all "
           "candidates): " + ", ".join(f"{k} {v:.3f}" for k, v in separation.items()))
-    print("\n| reward | N | log p_E (floor log 1e-6) | valid log p_E | invalid | copy | rev | sort | coverage |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\nreverse KL ≤: bound on KL(π_N ‖ p̃_E), smoothing ε = {SMOOTHING:g} (exact at N = 1)")
+    print("| reward | N | reverse KL ≤ | ± se | log p̃_E | valid log p_E | invalid | copy | rev | sort "
+          "| coverage |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key, by_n in table.items():
         for n, m in by_n.items():
-            print(f"| {key} | {n} | {m['log_pe']:.3f} | {m['valid_log_pe']:.3f} | {m['invalid']:.3f} | "
+            print(f"| {key} | {n} | {m['reverse_kl_bound']:.3f} | {m['reverse_kl_se']:.3f} | "
+                  f"{m['log_pe_smoothed']:.3f} | {m['valid_log_pe']:.3f} | {m['invalid']:.3f} | "
                   f"{m['copy']:.3f} | {m['reverse']:.3f} | {m['sort']:.3f} | {m['coverage']:.2f} |")
     print(f"\nexpert mode weights: copy {weights['copy']:.1f}, reverse {weights['reverse']:.1f}, "
           f"sort {weights['sort']:.1f}; seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items()))

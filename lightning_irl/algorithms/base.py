@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import lightning as L
 import torch
@@ -44,13 +44,20 @@ class OptimizerSpec:
     schedule: str = "cosine"
 
 
-def build_optimizer(params_module: torch.nn.Module, spec: OptimizerSpec, total_steps: int):
-    decay, no_decay = [], []
+def build_optimizer(params_module: torch.nn.Module, spec: OptimizerSpec, total_steps: int,
+                    own_lr: Optional[Dict[str, float]] = None):
+    """AdamW + schedule over the trainable parameters of ``params_module``. ``own_lr`` maps
+    parameter names to a peak learning rate of their own (no weight decay, same schedule)."""
+    own_lr = own_lr or {}
+    decay, no_decay, own = [], [], []
     for name, param in params_module.named_parameters():
         if not param.requires_grad:
             continue
+        if name in own_lr:
+            own.append({"params": [param], "weight_decay": 0.0, "lr": own_lr[name]})
+            continue
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}, *own]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, betas=tuple(spec.betas),
                                   eps=spec.eps)
     scheduler = get_scheduler(spec.schedule, optimizer, num_warmup_steps=spec.warmup_steps,
@@ -305,19 +312,42 @@ class IRLModule(L.LightningModule):
         self.evaluator.to(self.device).reset()
         self._eval_active, self._eval_prompts = True, 0
 
-    def _sample_eval_step(self, batch: Dict[str, Any], logps: torch.Tensor, batch_idx: int) -> None:
+    def _sample_eval_step(self, batch: Dict[str, Any], logps: torch.Tensor,
+                          batch_idx: int) -> Optional[Tuple[Dict[str, Any], Rollout, SamplingConfig]]:
+        """Exact forward KL over this batch's prompts, then policy samples for the first
+        ``evaluation.num_prompts`` prompts. Returns ``(prompts, rollout, sampling config)`` of
+        the samples drawn here (for subclasses that score them further), else None."""
         if not self._eval_active:
-            return
-        self.evaluator.update_demonstrations(batch, logps, self.tokenizer.eos_token_id)
+            return None
+        evaluator = self.evaluator
+        datamodule = getattr(self.trainer, "datamodule", None)
+        max_prompt_length = getattr(getattr(datamodule, "hparams", None), "max_prompt_length", None)
+        supports = evaluator.support_batches(batch["prompt"], self.tokenizer, max_prompt_length)
+        forwards = len(supports)
+        if self.trainer.world_size > 1 and evaluator.task is not None:
+            # sharded (FSDP2) forwards are collective: every rank must run as many as the busiest
+            forwards = int(self.trainer.strategy.reduce(torch.tensor(float(forwards), device=self.device),
+                                                        reduce_op="max"))
+        with torch.no_grad():
+            for i in range(forwards):
+                if i < len(supports):
+                    rows = supports[i]
+                    ids, mask = rows["input_ids"].to(self.device), rows["attention_mask"].to(self.device)
+                    evaluator.update_support(rows, token_logprobs(self.policy, ids, mask))
+                else:  # an idle rank keeps step with the others; the result is discarded
+                    token_logprobs(self.policy, batch["input_ids"][:1], batch["attention_mask"][:1])
         wanted = self.evaluation.num_prompts - self._eval_prompts
         if wanted <= 0:
-            return
+            return None
         prompts = take_prompts(batch, wanted)
         config = self.evaluation.sampling(self.sampling)
         with self.evaluation.rng(self.device, self.global_rank, batch_idx):
             rollout = self.rollout(prompts, config)
-        self.evaluator.update_rollout(prompts["prompt"], rollout, self.tokenizer, config.num_samples)
+        head = self.policy.get_output_embeddings()  # a PeftModel forwards this to its base model
+        vocab_size = int(head.weight.shape[0]) if head is not None else int(self.policy.config.vocab_size)
+        evaluator.update_rollout(prompts["prompt"], rollout, self.tokenizer, config.num_samples, vocab_size)
         self._eval_prompts += len(prompts["prompt"])
+        return prompts, rollout, config
 
     def _sample_eval_end(self) -> None:
         if not self._eval_active:

@@ -3,7 +3,7 @@ pure functions behind them, and the ``eval/…`` evaluation wired into every alg
 
 from lightning_irl.metrics.diversity import DistinctN, ResponseLength, SelfBLEU
 from lightning_irl.metrics.evaluation import EvalConfig, SampleEvaluator, take_prompts, task_mode_names
-from lightning_irl.metrics.functional import COVERAGE_THRESHOLD, LOG_FLOOR
+from lightning_irl.metrics.functional import COVERAGE_THRESHOLD, SMOOTHING
 from lightning_irl.metrics.known_expert import ForwardKL, InvalidMass, ModeMass, PolicyEntropy, ReverseKL, ValidReverseKL
 
 __all__ = [
@@ -12,11 +12,11 @@ __all__ = [
     "EvalConfig",
     "ForwardKL",
     "InvalidMass",
-    "LOG_FLOOR",
     "ModeMass",
     "PolicyEntropy",
     "ResponseLength",
     "ReverseKL",
+    "SMOOTHING",
     "SampleEvaluator",
     "SelfBLEU",
     "ValidReverseKL",

@@ -3,12 +3,11 @@
 Thin wrappers over ``metrics.functional``: every state is a sum (``dist_reduce_fx="sum"``), so the
 value computed after a DDP all-reduce equals the value of one process that saw every sample.
 Each ``update`` takes samples' log-probabilities (or modes) directly, so the classes are testable
-without a model. Definitions, floors and thresholds: ``lightning_irl.metrics.functional``.
+without a model. Definitions, smoothing and thresholds: ``lightning_irl.metrics.functional``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch
@@ -16,10 +15,10 @@ from torchmetrics import Metric
 
 from lightning_irl.metrics.functional import (
     COVERAGE_THRESHOLD,
-    LOG_FLOOR,
     expert_mode_weights,
     forward_kl_terms,
     invalid,
+    mean_and_se,
     mode_counts,
     mode_coverage,
     reverse_kl_terms,
@@ -56,10 +55,11 @@ class _WeightedMean(Metric):
 
 
 class ForwardKL(_WeightedMean):
-    """KL(p_E‖π) from expert samples: mean of ``log p_E(y|x) − log π(y|x)``.
+    """KL(p_E‖π): weighted mean of ``log p_E(y|x) − log π(y|x)``.
 
-    ``weight`` (optional, per sample) turns the mean into an exact expectation: pass every
-    response of the support with ``weight = p_E(y|x)`` to get the exact per-prompt KL.
+    With ``weight = p_E(y|x)`` over every answer of each prompt's support (what the evaluation
+    does) it is the exact KL averaged over prompts; without weights, a Monte Carlo estimate from
+    expert samples.
     """
 
     higher_is_better = False
@@ -68,30 +68,43 @@ class ForwardKL(_WeightedMean):
         self._add(forward_kl_terms(expert_logp, policy_logp), weight)
 
 
-class ReverseKL(_WeightedMean):
-    """Floored KL(π‖p_E) from policy samples: mean of ``log π(y|x) − max(log p_E(y|x), log_floor)``.
+class ReverseKL(Metric):
+    """KL(π‖p̃_E) from policy samples, against the expert smoothed with a random typist (see
+    ``metrics.functional``): the mean of ``log π(y|x) − log p̃_E(y|x)``, with its standard error.
 
-    Args:
-        log_floor: Lower bound on log p_E used where the expert gives the sample probability 0
-            (default log 1e-6 ≈ −13.8); the mass that hits it is what ``InvalidMass`` reports.
+    ``update(policy_logp, smoothed_logp)`` takes log p̃_E already computed
+    (``functional.smoothed_expert_logp``). ``compute`` returns
+    ``{"reverse_kl": mean, "reverse_kl_se": standard error}``; the states are Σ, Σ of squares and
+    the count, so both survive a DDP all-reduce.
     """
 
+    full_state_update = False
     higher_is_better = False
 
-    def __init__(self, log_floor: float = LOG_FLOOR, **kwargs) -> None:
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.log_floor = log_floor
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float32), dist_reduce_fx="sum")
+        self.add_state("total_sq", default=torch.tensor(0.0, dtype=torch.float32), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float32), dist_reduce_fx="sum")
 
-    def update(self, policy_logp, expert_logp) -> None:
-        self._add(reverse_kl_terms(policy_logp, expert_logp, self.log_floor))
+    def update(self, policy_logp, smoothed_logp) -> None:
+        terms = reverse_kl_terms(policy_logp, smoothed_logp).to(self.total.device).reshape(-1)
+        self.total += terms.sum()
+        self.total_sq += (terms * terms).sum()
+        self.count += terms.numel()
+
+    def compute(self) -> Dict[str, torch.Tensor]:
+        mean, se = mean_and_se(self.total, self.total_sq, self.count)
+        return {"reverse_kl": mean.float(), "reverse_kl_se": se.float()}
 
 
 class ValidReverseKL(Metric):
     """KL(π(·|x, valid) ‖ p_E(·|x)): the reverse KL of the policy *conditioned on staying inside
-    the expert's support*, a true KL (≥ 0, no floor), complementary to ``InvalidMass``.
+    the expert's support*, a true KL (≥ 0, no smoothing), complementary to ``InvalidMass``.
 
-    Estimated from policy samples as ``mean_valid[log π(y|x) − log p_E(y|x)] − log V`` with ``V``
-    the valid share of the samples (consistent; assumes V is about the same across prompts).
+    ``update(policy_logp, expert_logp)`` with the string-level log p_E (−inf outside the
+    support). Estimated as ``mean_valid[log π(y|x) − log p_E(y|x)] − log V`` with ``V`` the
+    valid share of the samples (consistent; assumes V is about the same across prompts).
     """
 
     full_state_update = False
@@ -104,8 +117,9 @@ class ValidReverseKL(Metric):
         self.add_state("samples", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, policy_logp, expert_logp) -> None:
-        terms = reverse_kl_terms(policy_logp, expert_logp, log_floor=-math.inf).to(self.total.device)
         ok = 1.0 - invalid(expert_logp).to(self.total.device)
+        policy = torch.as_tensor(policy_logp, dtype=torch.float32).detach().to(self.total.device)
+        terms = policy - torch.as_tensor(expert_logp, dtype=torch.float32).to(self.total.device)
         self.total += torch.where(ok > 0, terms, torch.zeros_like(terms)).sum()
         self.valid += ok.sum()
         self.samples += ok.numel()

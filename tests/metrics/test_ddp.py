@@ -30,7 +30,7 @@ WORKER = textwrap.dedent(
                 i = int(torch.randint(len(answers), (1,), generator=gen))
                 responses.append(answers[i])
                 logps.append(-1.0 - i)
-        evaluator.update_samples(prompts, responses, logps, num_samples=3)
+        evaluator.update_samples(prompts, responses, logps, num_samples=3, vocab_size=12)
         expert = [task.sample_response(p, __import__("random").Random(7)) for p in prompts]
         evaluator.forward_kl.update([task.log_prob(p, y) for p, y in zip(prompts, expert)],
                                     [-0.5 * len(y) for y in expert])
@@ -85,6 +85,6 @@ def test_metrics_reduce_exactly_over_two_processes(tmp_path):
     assert set(ddp) == set(single) and len(ddp) >= 10
     for name, value in single.items():
         assert ddp[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
-    assert 0 < ddp["invalid_mass"] < 1 and ddp["mode_coverage"] > 0
+    assert 0 < ddp["invalid_mass"] < 1 and ddp["mode_coverage"] > 0 and ddp["reverse_kl_se"] > 0
     rank0 = json.loads((tmp_path / "ddp.json.rank0").read_text())
     assert any(rank0[name] != pytest.approx(value) for name, value in single.items())  # the test can fail

@@ -1,6 +1,7 @@
 """The eval/… wiring of IRLModule and the SampleLogger callback, on a tiny model and the modes task."""
 
 import glob
+import math
 
 import lightning as L
 import pytest
@@ -13,7 +14,7 @@ from lightning_irl.data import DemonstrationDataModule
 from lightning_irl.metrics import EvalConfig, take_prompts
 from lightning_irl.rollout import SamplingConfig
 
-KNOWN_EXPERT = ["eval/forward_kl", "eval/reverse_kl", "eval/invalid_mass",
+KNOWN_EXPERT = ["eval/forward_kl", "eval/reverse_kl", "eval/reverse_kl_se", "eval/invalid_mass",
                 "eval/mode_coverage", "eval/mass_copy", "eval/mass_reverse", "eval/mass_sort"]
 ANY_TASK = ["eval/entropy", "eval/distinct_1", "eval/distinct_2", "eval/self_bleu", "eval/response_length"]
 
@@ -42,6 +43,7 @@ def test_fit_logs_eval_metrics_and_text_samples(tmp_path, tiny_spec):
     for name in KNOWN_EXPERT + ANY_TASK:
         assert name in metrics, name
     assert 0.0 <= float(metrics["eval/invalid_mass"]) <= 1.0
+    assert float(metrics["eval/reverse_kl"]) >= 0.0 and float(metrics["eval/reverse_kl_se"]) >= 0.0
     # the conditional KL needs at least one valid sample (NaN values are not logged)
     assert ("eval/reverse_kl_valid" in metrics) == (float(metrics["eval/invalid_mass"]) < 1)
     masses = sum(float(metrics[f"eval/mass_{m}"]) for m in ("copy", "reverse", "sort"))
@@ -72,6 +74,47 @@ def test_validate_always_evaluates_and_eval_can_be_turned_off(tiny_spec):
     trainer.validate(off, data)
     assert "val/loss" in trainer.callback_metrics
     assert not any(k.startswith("eval/") for k in trainer.callback_metrics)
+
+
+class Recording(SFT):
+    """What a subclass (the adversarial module) sees: the evaluation's rollouts, via super()."""
+
+    def _sample_eval_step(self, batch, logps, batch_idx):
+        out = super()._sample_eval_step(batch, logps, batch_idx)
+        self.returned.append(out)
+        return out
+
+
+def test_forward_kl_is_exact_and_the_eval_step_returns_its_rollout(tiny_spec):
+    # 12 prompts in batches of 5; 4 rows per policy forward: several forwards per batch
+    data = DemonstrationDataModule(task="modes", num_val=12, batch_size=5)
+    module = Recording(tiny_spec, sampling=SamplingConfig(max_new_tokens=6),
+                       evaluation=EvalConfig(num_prompts=6, num_samples=2, support_batch_size=4))
+    module.returned = []
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, data)
+    logged = float(trainer.callback_metrics["eval/forward_kl"])
+
+    # brute force: each answer of each validation prompt scored on its own, unpadded
+    tokenizer, policy, task = module.tokenizer, module.policy.eval(), data.task
+    prompts = [example["prompt"] for example in data.datasets["val"]]
+    assert len(prompts) == 12
+    total = 0.0
+    with torch.no_grad():
+        for prompt in prompts:
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            for answer, p in task.support(prompt).items():
+                ids = prompt_ids + tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                logits = policy(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)
+                log_pi = sum(float(logits[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids)))
+                total += p * (math.log(p) - log_pi)
+    assert logged == pytest.approx(total / len(prompts), abs=1e-5)
+
+    # the rollouts of the first 6 prompts: 5 from the first batch, 1 from the second, none after
+    assert len(module.returned) == 3 and module.returned[2] is None
+    for (prompts_dict, rollout, config), n in zip(module.returned[:2], (5, 1)):
+        assert len(prompts_dict["prompt"]) == n and config.num_samples == 2
+        assert rollout.input_ids.size(0) == 2 * n and len(rollout.responses) == 2 * n
 
 
 def test_eval_sampling_leaves_the_global_rng_alone():

@@ -1,5 +1,9 @@
 """Known-expert metrics against exact computations on enumerable spaces.
 
+Responses here are strings of a word-level tokenizer (one spelling per string): ``L(y)`` is
+their word count + 1 (EOS), and ``VOCAB`` stands for the policy's output size in the smoothed
+expert p̃_E = (1 − ε)·p_E + ε·VOCAB^(−L) of the reverse KL.
+
 Sampling tolerances are 5 standard errors of the per-sample terms (computed exactly from the
 distributions), so a correct estimator fails with probability < 1e-6 per check; the generators
 are seeded anyway.
@@ -14,7 +18,7 @@ import torch
 
 from lightning_irl.data.tasks import ModesTask
 from lightning_irl.metrics import (
-    LOG_FLOOR,
+    SMOOTHING,
     ForwardKL,
     InvalidMass,
     ModeMass,
@@ -23,7 +27,7 @@ from lightning_irl.metrics import (
     SampleEvaluator,
     ValidReverseKL,
 )
-from lightning_irl.metrics.functional import exact_kls, mode_coverage, reverse_kl_terms
+from lightning_irl.metrics.functional import exact_kls, mode_coverage, smoothed_expert_logp
 
 N = 20_000
 EXPERT = {"a": 0.6, "b": 0.3, "c": 0.1}
@@ -37,8 +41,20 @@ def draw(dist, n, seed):
     return [names[i] for i in idx.tolist()]
 
 
+VOCAB = 8
+
+
 def logp(dist, y):
     return math.log(dist[y]) if dist.get(y, 0) > 0 else -math.inf
+
+
+def length(y):
+    return len(y.split()) + 1
+
+
+def smoothed(expert, y, eps=SMOOTHING):
+    """log p̃_E(y) in plain floats."""
+    return math.log((1 - eps) * expert.get(y, 0.0) + eps * VOCAB ** -length(y))
 
 
 def moments(dist, term, n=N):
@@ -59,13 +75,16 @@ def conditional_kl(expert, policy, n):
 
 
 def test_closed_forms_by_hand():
-    exact = exact_kls(EXPERT, POLICY)
+    exact = exact_kls(EXPERT, POLICY, VOCAB, length=length)
     forward = 0.6 * math.log(0.6 / 0.2) + 0.3 * math.log(1) + 0.1 * math.log(0.1 / 0.3)
-    reverse = 0.2 * math.log(0.2 / 0.6) + 0.3 * math.log(1) + 0.3 * math.log(0.3 / 0.1) + 0.2 * (math.log(0.2) - math.log(1e-6))
+    e, u = SMOOTHING, VOCAB ** -2  # every response here is one word + EOS
+    reverse = (0.2 * math.log(0.2 / ((1 - e) * 0.6 + e * u)) + 0.3 * math.log(0.3 / ((1 - e) * 0.3 + e * u))
+               + 0.3 * math.log(0.3 / ((1 - e) * 0.1 + e * u)) + 0.2 * math.log(0.2 / (e * u)))
+    valid = 0.25 * math.log(0.25 / 0.6) + 0.375 * math.log(0.375 / 0.3) + 0.375 * math.log(0.375 / 0.1)
     assert exact["forward_kl"] == pytest.approx(forward)
     assert exact["reverse_kl"] == pytest.approx(reverse)
+    assert exact["reverse_kl_valid"] == pytest.approx(valid)
     assert exact["invalid_mass"] == pytest.approx(0.2)
-    assert LOG_FLOOR == pytest.approx(math.log(1e-6))
 
 
 def test_forward_kl_converges_and_exact_with_weights():
@@ -73,7 +92,7 @@ def test_forward_kl_converges_and_exact_with_weights():
     metric = ForwardKL()
     metric.update(torch.tensor([logp(EXPERT, y) for y in ys]), torch.tensor([logp(POLICY, y) for y in ys]))
     mean, se = moments(EXPERT, lambda y: logp(EXPERT, y) - logp(POLICY, y))
-    assert mean == pytest.approx(exact_kls(EXPERT, POLICY)["forward_kl"])
+    assert mean == pytest.approx(exact_kls(EXPERT, POLICY, VOCAB, length=length)["forward_kl"])
     assert abs(float(metric.compute()) - mean) < 5 * se
     # the whole support weighted by p_E: the exact value
     exact = ForwardKL()
@@ -87,17 +106,20 @@ def test_reverse_kl_invalid_mass_and_entropy_converge():
     ys = draw(POLICY, N, seed=1)
     pol = torch.tensor([logp(POLICY, y) for y in ys])
     exp = torch.tensor([logp(EXPERT, y) for y in ys])
+    tilde = smoothed_expert_logp(exp, torch.tensor([length(y) for y in ys]), VOCAB)
     reverse, valid_kl, invalid, entropy = ReverseKL(), ValidReverseKL(), InvalidMass(), PolicyEntropy()
     for start in range(0, N, 4096):  # several updates accumulate like one
         sl = slice(start, start + 4096)
-        reverse.update(pol[sl], exp[sl])
+        reverse.update(pol[sl], tilde[sl])
         valid_kl.update(pol[sl], exp[sl])
         invalid.update(exp[sl])
         entropy.update(pol[sl])
-    exact = exact_kls(EXPERT, POLICY)
-    mean, se = moments(POLICY, lambda y: logp(POLICY, y) - max(logp(EXPERT, y), math.log(1e-6)))
+    exact = exact_kls(EXPERT, POLICY, VOCAB, length=length)
+    mean, se = moments(POLICY, lambda y: logp(POLICY, y) - smoothed(EXPERT, y))
     assert mean == pytest.approx(exact["reverse_kl"])
-    assert abs(float(reverse.compute()) - mean) < 5 * se
+    out = reverse.compute()
+    assert abs(float(out["reverse_kl"]) - mean) < 5 * se
+    assert float(out["reverse_kl_se"]) == pytest.approx(se, rel=0.05)
     assert abs(float(invalid.compute()) - 0.2) < 5 * math.sqrt(0.2 * 0.8 / N)
     h, se_h = moments(POLICY, lambda y: -logp(POLICY, y))
     assert abs(float(entropy.compute()) - h) < 5 * se_h
@@ -105,13 +127,8 @@ def test_reverse_kl_invalid_mass_and_entropy_converge():
     kl_valid, se_v = conditional_kl(EXPERT, POLICY, N)
     conditioned = {"a": 0.25, "b": 0.375, "c": 0.375}
     assert kl_valid == pytest.approx(sum(q * math.log(q / EXPERT[y]) for y, q in conditioned.items()))
+    assert kl_valid == pytest.approx(exact["reverse_kl_valid"])
     assert abs(float(valid_kl.compute()) - kl_valid) < 5 * se_v
-
-
-def test_the_floor_is_used_only_outside_the_support():
-    terms = reverse_kl_terms(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -math.inf]))
-    assert terms.tolist() == pytest.approx([2.0, -2.0 - LOG_FLOOR])
-    assert reverse_kl_terms(torch.tensor([-1.0]), torch.tensor([-math.inf]), log_floor=-5.0).item() == 4.0
 
 
 def test_mode_coverage_threshold_is_inclusive():
@@ -156,7 +173,7 @@ def evaluate(policy, n_prompts=N_PROMPTS, k=K, seed=0):
         ys = draw(dist, k, seed=seed * 100_000 + i)
         responses += ys
         logps += [math.log(dist[y]) for y in ys]
-    evaluator.update_samples(prompts, responses, logps, num_samples=k)
+    evaluator.update_samples(prompts, responses, logps, num_samples=k, vocab_size=VOCAB)
     # forward KL by teacher forcing the expert's own samples (the policy's exact log-probs)
     rng = random.Random(seed)
     expert_ys = [TASK.sample_response(p, rng) for p in prompts]
@@ -168,7 +185,11 @@ def evaluate(policy, n_prompts=N_PROMPTS, k=K, seed=0):
 def test_the_expert_itself():
     out = evaluate(POLICIES["expert"])
     assert out["forward_kl"] == pytest.approx(0.0, abs=1e-6)  # every term is exactly 0
-    assert out["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
+    # against the smoothed expert only the ε shift is left: between 0 and −log(1 − ε)
+    expert = TASK.support(PROMPT)
+    reverse, se_r = moments(expert, lambda y: logp(expert, y) - smoothed(expert, y), n=N_PROMPTS * K)
+    assert 0 < reverse < -math.log(1 - SMOOTHING)
+    assert abs(out["reverse_kl"] - reverse) < 5 * se_r + 1e-6
     assert out["reverse_kl_valid"] == pytest.approx(0.0, abs=1e-6)
     assert out["invalid_mass"] == 0.0
     assert out["mode_coverage"] == 1.0
@@ -182,7 +203,9 @@ def test_a_policy_on_one_mode():
     assert out["mode_coverage"] == pytest.approx(1 / 3)
     assert out["mass_copy"] == 1.0 and out["mass_reverse"] == 0.0 and out["mass_sort"] == 0.0
     assert out["invalid_mass"] == 0.0
-    assert out["reverse_kl"] == pytest.approx(-math.log(0.6), abs=1e-5)  # exact: one response per prompt
+    copy = TASK.answers(PROMPT)["copy"]  # exact: one response per prompt, all of the same length
+    assert out["reverse_kl"] == pytest.approx(-smoothed(TASK.support(PROMPT), copy), abs=1e-5)
+    assert out["reverse_kl_se"] == pytest.approx(0.0, abs=1e-5)
     assert out["entropy"] == pytest.approx(0.0, abs=1e-6)
     assert out["distinct_2"] == pytest.approx(2 / 16)  # 8 identical 3-letter samples: 2 distinct of 16 bigrams
     assert out["self_bleu"] == pytest.approx(1.0)
@@ -194,7 +217,7 @@ def test_uniform_over_the_modes():
     out = evaluate(POLICIES["uniform_modes"])
     expert, policy = TASK.support(PROMPT), POLICIES["uniform_modes"](PROMPT)
     forward, se_f = moments(expert, lambda y: logp(expert, y) - logp(policy, y), n=N_PROMPTS)
-    reverse, se_r = moments(policy, lambda y: logp(policy, y) - logp(expert, y), n=N_PROMPTS * K)
+    reverse, se_r = moments(policy, lambda y: logp(policy, y) - smoothed(expert, y), n=N_PROMPTS * K)
     assert forward == pytest.approx(sum(p * math.log(3 * p) for p in TASK.weights.values()))
     assert abs(out["forward_kl"] - forward) < 5 * se_f
     assert abs(out["reverse_kl"] - reverse) < 5 * se_r
@@ -208,10 +231,12 @@ def test_uniform_over_permutations_leaks_half_its_mass():
     # each mode gets 1/6: enough for reverse (≥ 0.15) and sort (≥ 0.05), not for copy (< 0.3)
     assert out["mode_coverage"] == pytest.approx(2 / 3)
     expert, policy = TASK.support(PROMPT), POLICIES["uniform_permutations"](PROMPT)
-    exact = exact_kls(expert, policy)
-    reverse, se_r = moments(policy, lambda y: logp(policy, y) - max(logp(expert, y), LOG_FLOOR), n=N_PROMPTS * K)
+    exact = exact_kls(expert, policy, VOCAB, length=length)
+    reverse, se_r = moments(policy, lambda y: logp(policy, y) - smoothed(expert, y), n=N_PROMPTS * K)
     assert reverse == pytest.approx(exact["reverse_kl"])
-    assert abs(out["reverse_kl"] - reverse) < 5 * se_r  # invalid terms log(1/6) − log(1e-6) dominate
+    # invalid terms log(1/6) + 4·log V + log(1/ε) dominate
+    assert abs(out["reverse_kl"] - reverse) < 5 * se_r
+    assert out["reverse_kl_se"] == pytest.approx(se_r, rel=0.1)
     kl_valid, se_v = conditional_kl(expert, policy, N_PROMPTS * K)
     assert kl_valid == pytest.approx(sum((1 / 3) * math.log((1 / 3) / p) for p in TASK.weights.values()))
     assert abs(out["reverse_kl_valid"] - kl_valid) < 5 * se_v
