@@ -78,7 +78,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import math
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -88,11 +90,14 @@ import torch.nn.functional as F
 
 from lightning_irl.algorithms.base import IRLModule, OptimizerSpec, build_optimizer
 from lightning_irl.models.discriminator import (
+    LOG_RATIO_FILE,
+    LogRatioDiscriminator,
     build_discriminator,
     last_token_index,
     prefix_logits,
     sequence_logits,
 )
+from lightning_irl.metrics.discriminator import DiscriminatorFidelity
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.objectives.divergences import (
     DIVERGENCES,
@@ -102,7 +107,7 @@ from lightning_irl.objectives.divergences import (
     token_rewards_from_prefix_logits,
 )
 from lightning_irl.objectives.kl import kl_penalty
-from lightning_irl.objectives.logprobs import masked_mean, masked_sum, token_logprobs
+from lightning_irl.objectives.logprobs import masked_sum, token_logprobs, token_nll_sum
 from lightning_irl.objectives.policy_gradient import (
     policy_gradient_loss,
     ppo_clip_loss,
@@ -240,6 +245,11 @@ class Adversarial(IRLModule):
         discriminator: Optional[ModelSpec] = None,
         divergence: str = "reverse_kl",
         discriminator_level: str = "sequence",
+        discriminator_form: str = "classifier",
+        disc_warmup_steps: int = 0,
+        disc_mle_weight: float = 0.0,
+        disc_bias_lr: float = 1e-2,
+        disc_warmup_fit: str = "bce",
         log_ratio_clip: Optional[float] = 5.0,
         num_samples: int = 4,
         disc_optimizer: OptimizerSpec = OptimizerSpec(),
@@ -263,6 +273,8 @@ class Adversarial(IRLModule):
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
         choices = {"discriminator_level": (discriminator_level, ("sequence", "token")),
+                   "discriminator_form": (discriminator_form, ("classifier", "log_ratio")),
+                   "disc_warmup_fit": (disc_warmup_fit, ("bce", "mle")),
                    "kl_estimator": (kl_estimator, ("k1", "k2", "k3")), "kl_in": (kl_in, ("reward", "loss")),
                    "policy_loss": (policy_loss, ("rloo", "ppo")), "ppo_level": (ppo_level, ("token", "sequence"))}
         for name, (value, allowed) in choices.items():
@@ -277,17 +289,36 @@ class Adversarial(IRLModule):
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
         if log_ratio_clip is not None and log_ratio_clip <= 0:
             raise ValueError(f"log_ratio_clip must be positive or null, got {log_ratio_clip}")
-        for name, value in (("kl_coef", kl_coef), ("r1_gamma", r1_gamma), ("sft_weight", sft_weight)):
+        for name, value in (("kl_coef", kl_coef), ("r1_gamma", r1_gamma), ("sft_weight", sft_weight),
+                            ("disc_warmup_steps", disc_warmup_steps), ("disc_mle_weight", disc_mle_weight),
+                            ("disc_bias_lr", disc_bias_lr)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if policy_loss == "ppo" and ppo_level == "sequence" and discriminator_level == "token":
             raise ValueError("ppo_level=sequence takes one advantage per response; with a token-level "
                              "discriminator use ppo_level=token (per-token reward-to-go)")
+        if discriminator_form == "log_ratio" and r1_gamma > 0:
+            raise ValueError("r1_gamma applies to the classifier discriminator only (the log-ratio form reads "
+                             "token log-probs, not a head on embeddings); set r1_gamma: 0")
+        if discriminator_form == "classifier" and (disc_mle_weight > 0 or disc_warmup_fit == "mle"):
+            # one flag switches a log-ratio config to the classifier: its q-only settings go quiet
+            log.warning("discriminator_form=classifier: disc_mle_weight and disc_warmup_fit=mle apply to the "
+                        "log-ratio form only and are ignored (the warm-up trains the classifier by BCE)")
+            disc_mle_weight, disc_warmup_fit = 0.0, "bce"
+        if disc_warmup_fit == "mle" and disc_mle_weight <= 0:
+            raise ValueError("disc_warmup_fit=mle fits q by maximum likelihood during the warm-up: it needs "
+                             "disc_mle_weight > 0")
         if kl_in == "loss" and kl_estimator == "k1" and kl_coef > 0:
             log.warning("kl_in=loss with kl_estimator=k1: its gradient is zero in expectation; use k2")
-        self.discriminator_spec = discriminator or policy
+        # log_ratio with no discriminator named: q starts as a copy of the policy (h = b = 0)
+        self.discriminator_spec = discriminator if discriminator_form == "log_ratio" else (discriminator or policy)
         self.divergence = divergence
         self.discriminator_level = discriminator_level
+        self.discriminator_form = discriminator_form
+        self.disc_warmup_steps = disc_warmup_steps
+        self.disc_mle_weight = disc_mle_weight
+        self.disc_bias_lr = disc_bias_lr
+        self.disc_warmup_fit = disc_warmup_fit
         self.log_ratio_clip = log_ratio_clip
         self.num_samples = num_samples
         self.disc_optimizer_spec = disc_optimizer
@@ -307,6 +338,7 @@ class Adversarial(IRLModule):
         self.export_discriminator = export_discriminator
         self.reference: Optional[torch.nn.Module] = None
         self.discriminator: Optional[torch.nn.Module] = None
+        self.fidelity: Optional[DiscriminatorFidelity] = None  # built at the first evaluation on a known task
 
     # ---- building ----------------------------------------------------------------------
     needs_reference = True  # the base builds the frozen initial policy (or LoRA's adapter-off view)
@@ -314,12 +346,27 @@ class Adversarial(IRLModule):
     def configure_model(self) -> None:
         super().configure_model()
         if self.discriminator is None:
-            self.discriminator = build_discriminator(self.discriminator_spec, self.tokenizer)
+            if self.discriminator_form == "classifier":
+                self.discriminator = build_discriminator(self.discriminator_spec, self.tokenizer)
+            else:
+                self.discriminator = LogRatioDiscriminator(self._build_q())
+
+    def _build_q(self) -> torch.nn.Module:
+        """The log-ratio discriminator's causal LM: a trainable copy of the policy's start (LoRA:
+        the copy keeps its own adapter, only that trains), or the model ``discriminator`` names."""
+        if self.discriminator_spec is not None:
+            return self.discriminator_spec.build_causal_lm(self.tokenizer)
+        import copy
+
+        q = copy.deepcopy(self.policy)
+        q.train()
+        return q
 
     def configure_optimizers(self):
         total = self.total_steps()
         policy_opt, policy_sched = build_optimizer(self.policy, self.optimizer_spec, total)
-        disc_opt, disc_sched = build_optimizer(self.discriminator, self.disc_optimizer_spec, total)
+        own = {"bias": self.disc_bias_lr} if self.discriminator_form == "log_ratio" else None
+        disc_opt, disc_sched = build_optimizer(self.discriminator, self.disc_optimizer_spec, total, own_lr=own)
         return [policy_opt, disc_opt], [policy_sched, disc_sched]
 
     def _world_size(self) -> int:
@@ -332,8 +379,29 @@ class Adversarial(IRLModule):
             return rows["loss_mask"].sum().float()
         return torch.tensor(float(rows["input_ids"].size(0)), device=rows["input_ids"].device)
 
+    def _log_ratio_prefix(self, rows: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(prefix logits [B, T], q's shifted token log-probs [B, T−1]) of the log-ratio form;
+        ``rows["policy_logps"]`` holds log π of the same tokens (shifted)."""
+        calibrate_only = self.disc_warmup_fit == "mle" and self.training and self._trainer is not None \
+            and self.in_warmup()
+        return self.discriminator(rows["input_ids"], rows["attention_mask"], rows["policy_logps"], rows["loss_mask"],
+                                  calibrate_only=calibrate_only)
+
     def _disc_logits(self, rows: Dict[str, torch.Tensor], inputs_embeds=None) -> torch.Tensor:
         """Flat logits of the units of ``rows``: [rows] (sequence) or [response tokens] (token)."""
+        return self._disc_outputs(rows, inputs_embeds)[0]
+
+    def _disc_outputs(self, rows: Dict[str, torch.Tensor], inputs_embeds=None):
+        """(flat logits, q's token log-probs or None): the log-ratio form also returns what an MLE
+        term on the demonstrations needs, from the same forward."""
+        if self.discriminator_form == "log_ratio":
+            h, q_logps = self._log_ratio_prefix(rows)
+            if self.discriminator_level == "token":
+                return h[rows["loss_mask"][:, : h.size(1)].bool()], q_logps
+            return h[torch.arange(h.size(0), device=h.device), last_token_index(rows["attention_mask"])], q_logps
+        return self._classifier_logits(rows, inputs_embeds), None
+
+    def _classifier_logits(self, rows: Dict[str, torch.Tensor], inputs_embeds=None) -> torch.Tensor:
         if self.discriminator_level == "token":
             logits = prefix_logits(self.discriminator, rows["input_ids"], rows["attention_mask"], inputs_embeds)
             return logits[rows["loss_mask"].bool()]
@@ -361,6 +429,9 @@ class Adversarial(IRLModule):
         n_expert = self.global_sum(self._units(expert)).clamp(min=1)
         n_policy = self.global_sum(self._units(policy)).clamp(min=1)
         n_rows = self.global_sum(torch.tensor(float(expert["input_ids"].size(0)), device=self.device)).clamp(min=1)
+        n_tokens = None
+        if self.disc_mle_weight > 0:
+            n_tokens = self.global_sum(expert["loss_mask"][:, 1:].sum().float()).clamp(min=1)
         eps = self.label_smoothing
         loss_total = torch.zeros((), device=self.device)
         r1_total = torch.zeros((), device=self.device)
@@ -371,9 +442,12 @@ class Adversarial(IRLModule):
                 logits, penalty = self._r1_term(micro)
                 r1 = penalty * micro["input_ids"].size(0) * world / n_rows
             else:
-                logits, r1 = self._disc_logits(micro), torch.zeros((), device=self.device)
+                (logits, q_logps), r1 = self._disc_outputs(micro), torch.zeros((), device=self.device)
             loss = bce_sums(logits, 1.0 - eps) * world / n_expert
-            self.manual_backward(loss + 0.5 * self.r1_gamma * r1)
+            extra = 0.5 * self.r1_gamma * r1
+            if n_tokens is not None:  # q fitted as a language model of the demonstrations too
+                extra = extra + self.disc_mle_weight * token_nll_sum(q_logps, micro["loss_mask"][:, 1:]) * world / n_tokens
+            self.manual_backward(loss + extra)
             loss_total += loss.detach()
             r1_total += r1.detach()
             expert_logits.append(logits.detach())
@@ -402,9 +476,13 @@ class Adversarial(IRLModule):
     def _prefix_logits_full(self, rows: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Prefix logits of every row at the full width, computed micro-batch by micro-batch."""
         width = rows["attention_mask"].size(1)
+        keys = ROW_KEYS + (("policy_logps",) if self.discriminator_form == "log_ratio" else ())
         out = []
-        for micro in row_chunks({k: rows[k] for k in ROW_KEYS}, self.micro_batch_size):
-            logits = prefix_logits(self.discriminator, micro["input_ids"], micro["attention_mask"])
+        for micro in row_chunks({k: rows[k] for k in keys}, self.micro_batch_size):
+            if self.discriminator_form == "log_ratio":
+                logits = self._log_ratio_prefix(micro)[0]
+            else:
+                logits = prefix_logits(self.discriminator, micro["input_ids"], micro["attention_mask"])
             out.append(F.pad(logits, (0, width - logits.size(1))))
         return torch.cat(out)
 
@@ -465,14 +543,30 @@ class Adversarial(IRLModule):
         return stats
 
     # ---- the training step -------------------------------------------------------------
-    def _reference_logprobs(self, rows: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """log π_ref of the rollout tokens, [N, T−1], micro-batch by micro-batch."""
+    @torch.no_grad()
+    def _shifted_logprobs(self, rows: Dict[str, torch.Tensor], score) -> torch.Tensor:
+        """``score(input_ids, attention_mask)`` → shifted log-probs, [N, T−1] at the full width,
+        micro-batch by micro-batch, without gradient."""
         width = rows["attention_mask"].size(1)
         out = []
         for micro in row_chunks({k: rows[k] for k in ROW_KEYS}, self.micro_batch_size):
-            lp = self.reference_logprobs(micro["input_ids"], micro["attention_mask"])
+            lp = score(micro["input_ids"], micro["attention_mask"])
             out.append(F.pad(lp, (0, width - 1 - lp.size(1))))
         return torch.cat(out)
+
+    def _reference_logprobs(self, rows: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """log π_ref of the rows' tokens, [N, T−1]."""
+        return self._shifted_logprobs(rows, self.reference_logprobs)
+
+    def _policy_logprobs(self, rows: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """log π of the rows' tokens under the current policy, no gradient (the log-ratio
+        discriminator's ``log π`` term for demonstrations), [N, T−1]."""
+        return self._shifted_logprobs(rows, lambda ids, mask: token_logprobs(self.policy, ids, mask))
+
+    def in_warmup(self) -> bool:
+        """The first ``disc_warmup_steps`` training batches train only the discriminator, on the
+        start policy's samples; the state is ``global_step``, so a resumed run continues it."""
+        return self.trainer.global_step < self.disc_warmup_steps
 
     def sample_rollout(self, batch: Dict[str, Any]) -> Rollout:
         config = dataclasses.replace(self.sampling, num_samples=self.num_samples)
@@ -492,16 +586,25 @@ class Adversarial(IRLModule):
                 "loss_mask": rollout.loss_mask}
         mask = rollout.loss_mask[:, 1:]
         old_logps = rollout.logprobs.detach()
-        with torch.no_grad():
-            ref_logps = self._reference_logprobs(rows)
         expert = {k: batch[k] for k in ROW_KEYS}
+        if self.discriminator_form == "log_ratio":
+            rows["policy_logps"] = old_logps
+            expert["policy_logps"] = self._policy_logprobs(expert)
 
-        # 2. discriminator
-        for _ in range(self.disc_steps):
+        # 2. discriminator (alone during the warm-up: then its last step is the counted one)
+        warmup = self.in_warmup()
+        for step in range(self.disc_steps):
             disc_loss, r1, expert_logits, policy_logits = self.discriminator_backward(expert, rows)
-            with uncounted(disc_opt):
+            counted = warmup and step == self.disc_steps - 1
+            with contextlib.nullcontext() if counted else uncounted(disc_opt):
                 self.step_optimizer(disc_opt)
         accuracy = discriminator_accuracy(expert_logits, policy_logits)
+        self._log_discriminator(disc_loss, r1, accuracy, expert_logits, policy_logits, warmup)
+        if warmup:
+            disc_sched.step()
+            return
+        with torch.no_grad():
+            ref_logps = self._reference_logprobs(rows)
 
         # 3. rewards and 4. advantages
         scores = self.score_rollout(rows)
@@ -534,13 +637,6 @@ class Adversarial(IRLModule):
         # logging
         tokens = mask.sum().clamp(min=1)
         sync = dict(sync_dist=True)
-        self.log("disc/loss", disc_loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
-        self.log("disc/acc_expert", accuracy.expert, **sync)
-        self.log("disc/acc_policy", accuracy.policy, **sync)
-        self.log("disc/logit_expert", expert_logits.mean(), **sync)
-        self.log("disc/logit_policy", policy_logits.mean(), **sync)
-        if self.r1_gamma > 0:
-            self.log("disc/r1", r1, sync_dist=True, reduce_fx="sum")
         self.log("reward/mean", scores.sequence_reward.mean(), prog_bar=True, **sync)
         self.log("reward/std", scores.sequence_reward.std() if n_rows > 1 else torch.zeros(()), **sync)
         self.log("kl/ref", masked_sum(kl_tokens, mask) / n_rows, **sync)
@@ -559,13 +655,80 @@ class Adversarial(IRLModule):
             self.log("perf/rollout_tokens_per_sec", float(mask.sum()) / elapsed, on_step=True, on_epoch=False)
         self.log("train/lr", policy_sched.get_last_lr()[0], on_step=True, on_epoch=False)
 
+    # ---- validation: the discriminator's fidelity against the exact log-ratio --------------
+    def _sample_eval_start(self) -> None:
+        super()._sample_eval_start()
+        if self._eval_active and self.evaluator.task is not None:
+            if self.fidelity is None:
+                self.fidelity = DiscriminatorFidelity()
+            self.fidelity.to(self.device).reset()
+
+    @torch.no_grad()
+    def _sequence_disc_logits(self, rows: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The discriminator's sequence logit of each row (its last real token), eval mode."""
+        if self.discriminator_form == "log_ratio" and "policy_logps" not in rows:
+            rows = {**rows, "policy_logps": self._policy_logprobs(rows)}
+        with eval_mode(self.discriminator):
+            h = self._prefix_logits_full(rows)
+        return h[torch.arange(h.size(0), device=h.device), last_token_index(rows["attention_mask"])]
+
+    def _sample_eval_step(self, batch: Dict[str, Any], logps: torch.Tensor, batch_idx: int):
+        """Also grades the discriminator on this held-out batch and the evaluation's fresh samples
+        (``disc/bce_heldout``, ``disc/bce_bayes``, ``disc/bayes_gap_closed``, ``disc/corr_exact``,
+        ``disc/auroc_invalid``; ``metrics/discriminator.py``)."""
+        sampled = super()._sample_eval_step(batch, logps, batch_idx)
+        if not self._eval_active or self.evaluator.task is None:
+            return sampled
+        expert_exact = self.evaluator.demonstration_log_ratios(batch, logps, self.tokenizer.eos_token_id)
+        keep = torch.isfinite(expert_exact)
+        expert_rows = {k: batch[k][keep.to(batch[k].device)] for k in ROW_KEYS}
+        expert_h = self._sequence_disc_logits(expert_rows) if int(keep.sum()) else torch.zeros(0)
+        policy_h = policy_exact = torch.zeros(0)
+        if sampled is not None:
+            prompts, rollout, _ = sampled
+            policy_rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+                           "loss_mask": rollout.loss_mask, "policy_logps": rollout.logprobs}
+            policy_h = self._sequence_disc_logits(policy_rows)
+            policy_exact = self.evaluator.rollout_log_ratios(prompts["prompt"], rollout, self.tokenizer)
+        self.fidelity.update(expert_h, expert_exact[keep], policy_h, policy_exact)
+        return sampled
+
+    def _sample_eval_end(self) -> None:
+        if self._eval_active and self.fidelity is not None and self.evaluator.task is not None:
+            for name, value in self.fidelity.compute().items():  # already gathered over ranks
+                if torch.isfinite(value):
+                    self.log(f"disc/{name}", value.float(), sync_dist=False)
+            self.fidelity.reset()
+        super()._sample_eval_end()
+
+    def _log_discriminator(self, disc_loss, r1, accuracy, expert_logits, policy_logits, warmup: bool) -> None:
+        sync = dict(sync_dist=True)
+        self.log("disc/loss", disc_loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
+        self.log("disc/acc_expert", accuracy.expert, **sync)
+        self.log("disc/acc_policy", accuracy.policy, **sync)
+        self.log("disc/logit_expert", expert_logits.mean(), **sync)
+        self.log("disc/logit_policy", policy_logits.mean(), **sync)
+        self.log("disc/warmup", float(warmup), on_step=True, on_epoch=False)
+        if self.discriminator_form == "log_ratio":
+            self.log("disc/bias", self.discriminator.bias_value(), on_step=True, on_epoch=False)
+        if self.r1_gamma > 0:
+            self.log("disc/r1", r1, sync_dist=True, reduce_fx="sum")
+
     # ---- export ------------------------------------------------------------------------
     def on_fit_end(self) -> None:
         super().on_fit_end()
         path = self.resolve_export_dir()
         if path is None or not self.export_discriminator:
             return
-        self.export_from_all_ranks(self.discriminator, path.rstrip("/") + "_discriminator", "discriminator")
+        path = path.rstrip("/") + "_discriminator"
+        if self.discriminator_form == "classifier":
+            self.export_from_all_ranks(self.discriminator, path, "discriminator")
+            return
+        description = self.discriminator.describe()  # collective under FSDP2 (the bias is sharded)
+        self.export_from_all_ranks(self.discriminator.q, path, "log-ratio discriminator's q")
+        if self.trainer.is_global_zero:
+            with open(os.path.join(path, LOG_RATIO_FILE), "w") as f:
+                json.dump(description, f, indent=1)
 
 
 __all__ = ["Adversarial", "RolloutScores", "bce_sums", "positionwise_rloo", "reward_to_go", "row_chunks"]

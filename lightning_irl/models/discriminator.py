@@ -1,11 +1,25 @@
-"""The adversarial discriminator: a one-logit sequence classifier read by ``models.scoring``."""
+"""The adversarial discriminators, in two forms (``Adversarial(discriminator_form=...)``):
+
+- ``classifier``: a one-logit sequence classifier (fresh scalar ``score`` head) read by
+  ``models.scoring`` at the last real token or at every prefix;
+- ``log_ratio``: ``h = log q_φ(y|x) − log π(y|x) + b`` with ``q_φ`` a causal LM (started from the
+  policy) and ``b`` a scalar (``LogRatioDiscriminator``; the math is
+  ``objectives.divergences.log_ratio_prefix_logits``).
+"""
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_irl.models.scoring import last_token_index, prefix_logits, score_head, sequence_logits
 from lightning_irl.models.spec import ModelSpec
+from lightning_irl.objectives.divergences import log_ratio_prefix_logits
+from lightning_irl.objectives.logprobs import token_logprobs
+
+LOG_RATIO_FILE = "log_ratio_discriminator.json"
 
 
 def build_discriminator(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -25,4 +39,46 @@ def build_discriminator(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> 
     return classifier
 
 
-__all__ = ["build_discriminator", "last_token_index", "prefix_logits", "score_head", "sequence_logits"]
+class LogRatioDiscriminator(torch.nn.Module):
+    """``h(x, y) = log q_φ(y|x) − log π(y|x) + b``: a causal LM ``q`` and a scalar ``bias``.
+
+    ``forward`` runs ``q`` itself (so FSDP wrappers on this module see a normal call) and takes
+    the policy's shifted token log-probs of the same rows as an input (computed without gradient
+    by the caller: the discriminator never trains the policy). Returns the prefix logits [B, T]
+    and ``q``'s shifted token log-probs [B, T−1] (for an optional likelihood term on
+    demonstrations).
+
+    At the optimum of the BCE, ``q ∝ d_E`` on the data and ``h = log d_E − log π``; with ``q``
+    started as a copy of the policy, training starts from ``h = b = 0`` (``D = ½``).
+    Memory: one more causal LM of the policy's size with its own gradients and optimizer state
+    (with LoRA on the policy: a frozen copy of the base plus its own adapter).
+    """
+
+    def __init__(self, q: torch.nn.Module, bias: float = 0.0) -> None:
+        super().__init__()
+        self.q = q
+        self.bias = torch.nn.Parameter(torch.tensor(float(bias)))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, policy_token_logps: torch.Tensor,
+                loss_mask: torch.Tensor, calibrate_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``calibrate_only``: the logit's gradient reaches ``b`` only (``q`` is then fitted by the
+        caller's likelihood term alone: the "fit q as a language model, calibrate b" warm-up)."""
+        q_logps = token_logprobs(self.q, input_ids, attention_mask)
+        width = q_logps.size(1)
+        h = log_ratio_prefix_logits(q_logps.detach() if calibrate_only else q_logps, policy_token_logps[:, :width],
+                                    loss_mask[:, 1 : width + 1], self.bias.float())
+        return h, q_logps
+
+    def bias_value(self) -> torch.Tensor:
+        """``b`` as a plain 0-dim tensor (gathered when FSDP2 shards it: collective then)."""
+        bias = self.bias.detach()
+        return (bias.full_tensor() if hasattr(bias, "full_tensor") else bias).float()
+
+    def describe(self) -> dict:
+        """What ``log_ratio_discriminator.json`` holds beside an exported ``q``: a reward from it
+        needs the policy too, ``r = log q(y|x) − log π(y|x) + b``."""
+        return {"form": "log_ratio", "bias": float(self.bias_value()),
+                "reward": "log q(y|x) - log pi(y|x) + bias, q = the causal LM in this folder"}
+
+
+__all__ = ["LOG_RATIO_FILE", "LogRatioDiscriminator", "build_discriminator", "last_token_index", "prefix_logits", "score_head", "sequence_logits"]

@@ -174,6 +174,37 @@ def token_rewards_from_prefix_logits(
     return torch.where(valid, prefix_reward - previous_reward, torch.zeros_like(prefix_reward))
 
 
+def log_ratio_prefix_logits(
+    q_token_logps: torch.Tensor,
+    policy_token_logps: torch.Tensor,
+    shifted_mask: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """Prefix logits of the *log-ratio* discriminator ``h = log q_φ − log π + b``: [B, T−1] → [B, T].
+
+    ``q_token_logps`` / ``policy_token_logps`` are shifted per-token log-probs ([B, T−1], entry
+    ``t`` scores token ``t+1``) of the same rows under a trainable causal LM ``q_φ`` and under the
+    policy (no gradient); ``shifted_mask`` = ``loss_mask[:, 1:]``. Entry ``t`` of the result scores
+    the prefix that ends at token ``t``: ``h_t = b + Σ_{s ≤ t, s response} (log q − log π)(y_s)``,
+    so prompt positions hold ``b`` and the last real token holds the sequence logit
+    ``log q(y|x) − log π(y|x) + b``. Consecutive differences are the per-token log-ratios, which
+    is what ``token_rewards_from_prefix_logits`` gives back for ``reverse_kl``.
+
+    Why this form: the optimal discriminator logit is ``log d_E − log d_π``; writing it with an LM
+    head makes "how likely is each token of this answer under an expert-like model" the quantity
+    learned, which a causal LM already computes token by token, where a fresh scalar head on a
+    classifier has to discover it from one bit per sequence. With ``q`` started at ``π`` it starts
+    at ``h = b``, exactly the "cannot tell them apart" discriminator.
+    """
+    if q_token_logps.shape != policy_token_logps.shape or q_token_logps.shape != shifted_mask.shape:
+        raise ValueError(
+            f"q / policy log-probs and mask must share one [B, T-1] shape; got {tuple(q_token_logps.shape)}, "
+            f"{tuple(policy_token_logps.shape)}, {tuple(shifted_mask.shape)}"
+        )
+    ratio = (q_token_logps - policy_token_logps.detach()) * shifted_mask.to(q_token_logps.dtype)
+    return bias + F.pad(ratio.cumsum(-1), (1, 0))
+
+
 def bce_discriminator_loss(
     expert_logits: torch.Tensor, policy_logits: torch.Tensor, label_smoothing: float = 0.0
 ) -> torch.Tensor:
@@ -240,6 +271,7 @@ __all__ = [
     "discriminator_accuracy",
     "divergence_reward",
     "get_divergence",
+    "log_ratio_prefix_logits",
     "r1_penalty",
     "reward_from_f",
     "token_rewards_from_prefix_logits",

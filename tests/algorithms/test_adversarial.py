@@ -56,7 +56,8 @@ def _trainer(max_steps, callbacks=(), **kwargs):
 @pytest.mark.slow
 def test_airl_config_runs_in_process_and_logs_its_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY])
+    cli = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY,
+                     "--model.init_args.disc_warmup_steps", "1"])
     assert cli.trainer.global_step == 2
     logged = set(cli.trainer.callback_metrics)
     for name in ("disc/loss", "disc/acc_expert", "disc/acc_policy", "reward/mean", "reward/std", "kl/ref",
@@ -72,6 +73,7 @@ def test_airl_config_runs_in_process_and_logs_its_metrics(tmp_path, monkeypatch)
 def test_gail_config_runs_through_the_console_script_with_token_level_ppo(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([CLI, "fit", "--config", GAIL, "--trainer.max_steps", "2", *TINY,
+                           "--model.init_args.discriminator_form", "classifier",
                            "--model.init_args.discriminator_level", "token", "--model.init_args.policy_loss", "ppo",
                            "--model.init_args.r1_gamma", "1.0", "--model.init_args.sft_weight", "0.1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -117,6 +119,7 @@ def test_resume_restores_models_both_optimizers_and_the_step_count(tmp_path, mon
     # yet global_step counts batches.
     extra = ["--model.init_args.policy_loss", "ppo", "--model.init_args.ppo_epochs", "2",
              "--model.init_args.ppo_minibatches", "2", "--model.init_args.disc_steps", "2",
+             "--model.init_args.disc_warmup_steps", "0",
              "--model.init_args.evaluation.enabled", "false", "--model.init_args.export", "false"]
     first = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY, *extra])
     assert first.trainer.global_step == 2

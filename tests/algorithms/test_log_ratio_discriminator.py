@@ -1,0 +1,208 @@
+"""The log-ratio discriminator ``h = log q_φ − log π + b``: its logit against a hand computation,
+its start at ``b``, the token/sequence reward identity, its warm-up, resume and export."""
+
+import dataclasses
+import json
+import os
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_irl.algorithms import Adversarial, OptimizerSpec
+from lightning_irl.cli import build_cli
+from lightning_irl.data import DemonstrationDataModule
+from lightning_irl.data.collate import DemonstrationCollator
+from lightning_irl.metrics.evaluation import EvalConfig
+from lightning_irl.models.discriminator import LOG_RATIO_FILE, LogRatioDiscriminator
+from lightning_irl.objectives.divergences import divergence_reward
+from lightning_irl.rollout import SamplingConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+AIRL = os.path.join(REPO, "configs", "airl.yaml")
+TINY = ["--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+        "--data.init_args.num_train", "16", "--data.init_args.num_val", "8", "--data.init_args.batch_size", "4",
+        "--model.init_args.evaluation.num_prompts", "4"]
+
+
+def _module(tiny_spec, **kwargs):
+    defaults = dict(policy=tiny_spec, discriminator_form="log_ratio", num_samples=4,
+                    sampling=SamplingConfig(max_new_tokens=6), export=False, max_grad_norm=None,
+                    evaluation=EvalConfig(enabled=False))
+    module = Adversarial(**{**defaults, **kwargs})
+    module.configure_model()
+    return module
+
+
+def _batch(module, n=4, seed=0):
+    data = DemonstrationDataModule(task="modes", num_train=n, num_val=0, batch_size=n, task_seed=seed)
+    data.set_tokenizer(module.tokenizer)
+    data.setup("fit")
+    return DemonstrationCollator(module.tokenizer.pad_token_id)(data.datasets["train"])
+
+
+def _by_hand(model, ids, attention, response):
+    """Σ over response tokens of log softmax(model(prefix))[next token], one row at a time,
+    without padding: the independent computation."""
+    out = []
+    for row, att, resp in zip(ids, attention, response):
+        keep = att.bool()
+        tokens, is_response = row[keep], resp[keep].bool()
+        logits = model(input_ids=tokens[None]).logits[0].float()
+        logps = F.log_softmax(logits[:-1], -1).gather(1, tokens[1:, None])[:, 0]
+        out.append(logps[is_response[1:]].sum())
+    return torch.stack(out)
+
+
+def test_logit_is_log_q_minus_log_pi_plus_b_and_starts_at_b(tiny_spec):
+    module = _module(tiny_spec, divergence="reverse_kl", log_ratio_clip=None)
+    disc = module.discriminator
+    assert isinstance(disc, LogRatioDiscriminator)
+    batch = _batch(module)
+    rollout = module.sample_rollout(batch)
+    rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "loss_mask": rollout.loss_mask,
+            "policy_logps": rollout.logprobs}
+    # q is a copy of the policy: h = b exactly at the start, on rollouts and demonstrations alike
+    with torch.no_grad():
+        disc.bias.fill_(0.37)
+    torch.testing.assert_close(module._sequence_disc_logits(rows), torch.full((rows["input_ids"].size(0),), 0.37),
+                               rtol=0, atol=1e-5)
+    expert = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+    torch.testing.assert_close(module._sequence_disc_logits(expert), torch.full((4,), 0.37), rtol=0, atol=1e-5)
+    # move q away from π: h = log q(y|x) − log π(y|x) + b, each side computed row by row
+    with torch.no_grad():
+        for p in disc.q.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        h = module._sequence_disc_logits(rows)
+        expected = (_by_hand(disc.q, rows["input_ids"], rows["attention_mask"], rows["loss_mask"])
+                    - _by_hand(module.policy, rows["input_ids"], rows["attention_mask"], rows["loss_mask"]) + 0.37)
+    assert (expected - 0.37).abs().max() > 1e-2  # the comparison bites
+    torch.testing.assert_close(h, expected, rtol=1e-4, atol=1e-4)
+    # the rewards are the divergence table applied to that logit
+    scores = module.score_rollout(rows)
+    torch.testing.assert_close(scores.sequence_reward, divergence_reward("reverse_kl", expected, None),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "js"])
+def test_token_rewards_are_per_token_log_ratios_and_sum_to_the_sequence_reward(tiny_spec, divergence):
+    token = _module(tiny_spec, divergence=divergence, discriminator_level="token", log_ratio_clip=None)
+    sequence = _module(tiny_spec, divergence=divergence, discriminator_level="sequence", log_ratio_clip=None)
+    with torch.no_grad():
+        for p in token.discriminator.q.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        token.discriminator.bias.fill_(-0.2)
+    sequence.discriminator.load_state_dict(token.discriminator.state_dict())
+    rollout = token.sample_rollout(_batch(token))
+    rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "loss_mask": rollout.loss_mask,
+            "policy_logps": rollout.logprobs}
+    scores, seq_scores = token.score_rollout(rows), sequence.score_rollout(rows)
+    torch.testing.assert_close(scores.token_rewards.sum(-1), seq_scores.sequence_reward, rtol=1e-5, atol=1e-5)
+    if divergence == "reverse_kl":  # r_t = log q(y_t|s_t) − log π(y_t|s_t), the first token also gets b
+        from lightning_irl.objectives.logprobs import token_logprobs
+
+        mask = rows["loss_mask"][:, 1:].float()
+        with torch.no_grad():
+            ratio = (token_logprobs(token.discriminator.q, rows["input_ids"], rows["attention_mask"])
+                     - rollout.logprobs) * mask
+        first = mask.argmax(-1)
+        ratio[torch.arange(ratio.size(0)), first] += -0.2
+        torch.testing.assert_close(scores.token_rewards, ratio, rtol=1e-5, atol=1e-5)
+
+
+def test_discriminator_step_learns_and_the_mle_term_raises_q_on_demonstrations(tiny_spec):
+    module = _module(tiny_spec, disc_mle_weight=1.0)
+    batch = _batch(module, n=8)
+    optimizer = torch.optim.Adam(module.discriminator.parameters(), lr=1e-3)
+    rollout = module.sample_rollout(batch)
+    rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "loss_mask": rollout.loss_mask,
+            "policy_logps": rollout.logprobs}
+    expert = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+    expert["policy_logps"] = module._policy_logprobs(expert)
+    module.manual_backward = lambda loss: loss.backward()  # no trainer attached
+    module.global_sum = lambda value: value
+    losses = []
+    for _ in range(5):
+        loss, _, expert_h, policy_h = module.discriminator_backward(expert, rows)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    assert losses[0] == pytest.approx(2 * 0.6931, abs=1e-3)  # h = b = 0 at the start: log 4
+    assert losses[-1] < losses[0] - 0.05
+    assert float(expert_h.mean()) > float(policy_h.mean())
+
+
+@pytest.mark.slow
+def test_warmup_trains_only_the_discriminator_and_resume_restores_q_b_and_the_warmup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    extra = ["--model.init_args.discriminator_form", "log_ratio", "--model.init_args.disc_warmup_steps", "3",
+             "--model.init_args.disc_steps", "2", "--model.init_args.evaluation.enabled", "false",
+             "--model.init_args.export", "false"]
+    first = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY, *extra])
+    module = first.model
+    assert first.trainer.global_step == 2
+    start = module.reference.state_dict()
+    # two warm-up batches: the policy has not moved, q and b have
+    for key, value in module.policy.state_dict().items():
+        torch.testing.assert_close(value, start[key], rtol=0, atol=0)
+    assert any(not torch.equal(v, start[k]) for k, v in module.discriminator.q.state_dict().items())
+    ckpt_path = tmp_path / "checkpoints" / "airl" / "version_0" / "last.ckpt"
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    assert "discriminator.bias" in checkpoint["state_dict"]
+    assert any(k.startswith("discriminator.q.") for k in checkpoint["state_dict"])
+
+    # resume: batch 3 is still warm-up (policy fixed); batches 4-5 move the policy (the policy's own
+    # lr warm-up starts with the policy: its first step has lr 0)
+    second = build_cli(["--config", AIRL, "--trainer.max_steps", "5", *TINY, *extra], run=False)
+    seen = {}
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:  # restored exactly before the first resumed batch
+                state = pl_module.state_dict()
+                for key, value in checkpoint["state_dict"].items():
+                    torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+                seen["restored"] = True
+            seen[trainer.global_step] = {k: v.clone() for k, v in pl_module.policy.state_dict().items()}
+
+    second.trainer.callbacks.append(Watch())
+    second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=str(ckpt_path))
+    assert seen.get("restored") and second.trainer.global_step == 5
+    for key, value in seen[3].items():  # batch 3 was warm-up: same policy as after batch 2
+        torch.testing.assert_close(value, seen[2][key], rtol=0, atol=0)
+    assert any(not torch.equal(v, seen[3][k]) for k, v in second.model.policy.state_dict().items())
+
+
+@pytest.mark.slow
+def test_fit_exports_q_with_its_bias_and_logs_fidelity(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY,
+                     "--model.init_args.discriminator_form", "log_ratio", "--model.init_args.disc_warmup_steps", "1"])
+    logged = set(cli.trainer.callback_metrics)
+    for name in ("disc/bce_heldout", "disc/bce_bayes", "disc/bayes_gap_closed", "disc/bias", "eval/reverse_kl"):
+        assert name in logged, (name, sorted(logged))
+    folder = tmp_path / "checkpoints" / "airl" / "version_0" / "export_discriminator"
+    assert (folder / "model.safetensors").exists()
+    described = json.loads((folder / LOG_RATIO_FILE).read_text())
+    assert described["form"] == "log_ratio"
+    assert described["bias"] == pytest.approx(float(cli.model.discriminator.bias), abs=1e-6)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    for key, value in cli.model.discriminator.q.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_bad_combinations_are_refused(tiny_spec):
+    with pytest.raises(ValueError, match="r1_gamma"):
+        Adversarial(policy=tiny_spec, discriminator_form="log_ratio", r1_gamma=1.0)
+    with pytest.raises(ValueError, match="disc_mle_weight > 0"):
+        Adversarial(policy=tiny_spec, discriminator_form="log_ratio", disc_warmup_fit="mle", disc_mle_weight=0.0)
+    # switching a log-ratio config to the classifier by one flag: the q-only settings are dropped
+    module = Adversarial(policy=tiny_spec, discriminator_form="classifier", disc_mle_weight=1.0, disc_warmup_fit="mle")
+    assert module.disc_mle_weight == 0.0 and module.disc_warmup_fit == "bce"
+    with pytest.raises(ValueError, match="discriminator_form"):
+        Adversarial(policy=tiny_spec, discriminator_form="ratio")
+    with pytest.raises(ValueError, match="disc_warmup_steps"):
+        Adversarial(policy=tiny_spec, discriminator_form="log_ratio", disc_warmup_steps=-1)
