@@ -15,6 +15,11 @@ One training step (one batch of demonstrations; ``trainer.global_step`` grows by
    each side a mean over its units. Optional R1 penalty ``r1_gamma/2 · E_E‖∇_emb h‖²`` on the
    demonstrations' input embeddings (computed with the math attention kernel, the only one with a
    double backward). At the optimum ``h = log d_E − log d_π``.
+
+   With ``discriminator_form: log_ratio`` the logit is ``h = a·(log q_φ − log π_θ) + b`` (``π_θ``
+   the current policy, without gradient; ``q_φ`` a causal LM; ``a``, ``b`` scalars), trained by
+   the same BCE (+ ``disc_mle_weight`` × the demonstrations' NLL under ``q_φ``). The first
+   ``disc_warmup_steps`` batches run only this step (see ``in_warmup``).
 3. **Rewards** from the *updated* discriminator on the rollouts, ``g = divergence_reward(divergence,
    h, log_ratio_clip)``:
 
@@ -204,10 +209,29 @@ class Adversarial(IRLModule):
 
     Args:
         policy: The model being trained; start from an SFT export (``model_name_or_path``).
-        discriminator: The discriminator network (Hub id / folder / inline config), built as a
-            one-logit ``AutoModelForSequenceClassification``; it reads the policy tokenizer's ids.
-            None: the policy's spec (same architecture; from a folder, the same backbone weights
-            with a fresh head).
+        discriminator: The discriminator network (Hub id / folder / inline config); it reads the
+            policy tokenizer's ids. ``classifier`` form: built as a one-logit
+            ``AutoModelForSequenceClassification``; None = the policy's spec (from a folder, the
+            same backbone weights with a fresh head). ``log_ratio`` form: the causal LM ``q``;
+            None = a copy of the policy as it starts (so ``h = b`` at step 0).
+        discriminator_form: ``log_ratio``: ``h = a·(log q_φ(y|x) − log π(y|x)) + b`` with ``q_φ``
+            a causal LM, ``a``/``b`` scalars (``models.discriminator.LogRatioDiscriminator``);
+            ``classifier``: a fresh scalar head on a backbone. The log-ratio form reads answers
+            token by token through an LM head, which is what tells a valid answer from an invalid
+            one here; a fresh head stayed at chance in the divergence lab. It costs one more
+            model of the policy's size (weights, gradients, Adam state; with LoRA on the policy,
+            ``q`` is a frozen copy of the base with its own trainable adapter).
+        disc_warmup_steps: The first N training batches train only the discriminator, on the
+            start policy's samples (the policy does not move, its lr schedule does not advance).
+            ``trainer.max_steps`` counts them. The warm-up state is ``global_step``: checkpoints
+            and resume carry it.
+        disc_warmup_fit: ``mle`` (log-ratio form): during the warm-up ``q`` is fitted by maximum
+            likelihood on the demonstrations only (weight ``disc_mle_weight``) and ``a``, ``b`` by
+            the BCE; ``bce``: everything by the BCE (+ the likelihood term) from the start.
+        disc_mle_weight: Adds this × the demonstrations' mean token NLL under ``q`` to the
+            discriminator loss (log-ratio form), keeping ``q`` a language model of the expert.
+        disc_bias_lr: Learning rate of ``a`` and ``b`` (log-ratio form): two scalars that must
+            calibrate fast while ``q`` moves slowly.
         divergence: Row of the reward table: ``reverse_kl`` (AIRL, ``r = h``), ``js`` (GAIL,
             ``r = softplus(h) = −log(1 − D)``), ``forward_kl`` (``e^h``), ``chi2`` (``e^{2h}``),
             ``squared_hellinger`` (``e^{h/2}``).
@@ -365,7 +389,7 @@ class Adversarial(IRLModule):
     def configure_optimizers(self):
         total = self.total_steps()
         policy_opt, policy_sched = build_optimizer(self.policy, self.optimizer_spec, total)
-        own = {"bias": self.disc_bias_lr} if self.discriminator_form == "log_ratio" else None
+        own = {"bias": self.disc_bias_lr, "scale": self.disc_bias_lr} if self.discriminator_form == "log_ratio" else None
         disc_opt, disc_sched = build_optimizer(self.discriminator, self.disc_optimizer_spec, total, own_lr=own)
         return [policy_opt, disc_opt], [policy_sched, disc_sched]
 
@@ -711,6 +735,7 @@ class Adversarial(IRLModule):
         self.log("disc/warmup", float(warmup), on_step=True, on_epoch=False)
         if self.discriminator_form == "log_ratio":
             self.log("disc/bias", self.discriminator.bias_value(), on_step=True, on_epoch=False)
+            self.log("disc/scale", self.discriminator.scale_value(), on_step=True, on_epoch=False)
         if self.r1_gamma > 0:
             self.log("disc/r1", r1, sync_dist=True, reduce_fx="sum")
 

@@ -40,7 +40,8 @@ def build_discriminator(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> 
 
 
 class LogRatioDiscriminator(torch.nn.Module):
-    """``h(x, y) = log q_φ(y|x) − log π(y|x) + b``: a causal LM ``q`` and a scalar ``bias``.
+    """``h(x, y) = a·(log q_φ(y|x) − log π(y|x)) + b``: a causal LM ``q``, a ``scale`` a (starts
+    at 1) and a ``bias`` b (starts at 0).
 
     ``forward`` runs ``q`` itself (so FSDP wrappers on this module see a normal call) and takes
     the policy's shifted token log-probs of the same rows as an input (computed without gradient
@@ -48,16 +49,18 @@ class LogRatioDiscriminator(torch.nn.Module):
     and ``q``'s shifted token log-probs [B, T−1] (for an optional likelihood term on
     demonstrations).
 
-    At the optimum of the BCE, ``q ∝ d_E`` on the data and ``h = log d_E − log π``; with ``q``
-    started as a copy of the policy, training starts from ``h = b = 0`` (``D = ½``).
+    At the optimum of the BCE, ``q ∝ d_E`` on the data, ``a = 1`` and ``h = log d_E − log π``;
+    with ``q`` started as a copy of the policy, training starts from ``h = b = 0`` (``D = ½``).
     Memory: one more causal LM of the policy's size with its own gradients and optimizer state
     (with LoRA on the policy: a frozen copy of the base plus its own adapter).
     """
 
-    def __init__(self, q: torch.nn.Module, bias: float = 0.0) -> None:
+    def __init__(self, q: torch.nn.Module, bias: float = 0.0, scale: float = 1.0) -> None:
         super().__init__()
         self.q = q
-        self.bias = torch.nn.Parameter(torch.tensor(float(bias)))
+        # one-element vectors, not 0-dim: FSDP2's fully_shard refuses scalar parameters
+        self.bias = torch.nn.Parameter(torch.tensor([float(bias)]))
+        self.scale = torch.nn.Parameter(torch.tensor([float(scale)]))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, policy_token_logps: torch.Tensor,
                 loss_mask: torch.Tensor, calibrate_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -66,19 +69,26 @@ class LogRatioDiscriminator(torch.nn.Module):
         q_logps = token_logprobs(self.q, input_ids, attention_mask)
         width = q_logps.size(1)
         h = log_ratio_prefix_logits(q_logps.detach() if calibrate_only else q_logps, policy_token_logps[:, :width],
-                                    loss_mask[:, 1 : width + 1], self.bias.float())
+                                    loss_mask[:, 1 : width + 1], self.bias.float(), self.scale.float())
         return h, q_logps
 
+    @staticmethod
+    def _value(parameter: torch.nn.Parameter) -> torch.Tensor:
+        """A scalar parameter as a plain 0-dim tensor (gathered when FSDP2 shards it: collective)."""
+        value = parameter.detach()
+        return (value.full_tensor() if hasattr(value, "full_tensor") else value).float().reshape(())
+
     def bias_value(self) -> torch.Tensor:
-        """``b`` as a plain 0-dim tensor (gathered when FSDP2 shards it: collective then)."""
-        bias = self.bias.detach()
-        return (bias.full_tensor() if hasattr(bias, "full_tensor") else bias).float()
+        return self._value(self.bias)
+
+    def scale_value(self) -> torch.Tensor:
+        return self._value(self.scale)
 
     def describe(self) -> dict:
         """What ``log_ratio_discriminator.json`` holds beside an exported ``q``: a reward from it
-        needs the policy too, ``r = log q(y|x) − log π(y|x) + b``."""
-        return {"form": "log_ratio", "bias": float(self.bias_value()),
-                "reward": "log q(y|x) - log pi(y|x) + bias, q = the causal LM in this folder"}
+        needs the policy too, ``r = scale·(log q(y|x) − log π(y|x)) + bias``."""
+        return {"form": "log_ratio", "bias": float(self.bias_value()), "scale": float(self.scale_value()),
+                "reward": "scale * (log q(y|x) - log pi(y|x)) + bias, q = the causal LM in this folder"}
 
 
 __all__ = ["LOG_RATIO_FILE", "LogRatioDiscriminator", "build_discriminator", "last_token_index", "prefix_logits", "score_head", "sequence_logits"]

@@ -179,15 +179,18 @@ def log_ratio_prefix_logits(
     policy_token_logps: torch.Tensor,
     shifted_mask: torch.Tensor,
     bias: torch.Tensor,
+    scale: torch.Tensor | float = 1.0,
 ) -> torch.Tensor:
-    """Prefix logits of the *log-ratio* discriminator ``h = log q_φ − log π + b``: [B, T−1] → [B, T].
+    """Prefix logits of the *log-ratio* discriminator ``h = a·(log q_φ − log π) + b``: [B, T−1] → [B, T].
 
     ``q_token_logps`` / ``policy_token_logps`` are shifted per-token log-probs ([B, T−1], entry
     ``t`` scores token ``t+1``) of the same rows under a trainable causal LM ``q_φ`` and under the
     policy (no gradient); ``shifted_mask`` = ``loss_mask[:, 1:]``. Entry ``t`` of the result scores
-    the prefix that ends at token ``t``: ``h_t = b + Σ_{s ≤ t, s response} (log q − log π)(y_s)``,
+    the prefix that ends at token ``t``: ``h_t = b + a·Σ_{s ≤ t, s response} (log q − log π)(y_s)``,
     so prompt positions hold ``b`` and the last real token holds the sequence logit
-    ``log q(y|x) − log π(y|x) + b``. Consecutive differences are the per-token log-ratios, which
+    ``a·(log q(y|x) − log π(y|x)) + b``. The scale ``a`` (1 at the optimum ``q = d_E``) and the
+    offset ``b`` calibrate an imperfect ``q`` (Platt scaling): with ``a < 1`` a noisy ratio is
+    trusted less. Consecutive differences are the per-token log-ratios, which
     is what ``token_rewards_from_prefix_logits`` gives back for ``reverse_kl``.
 
     Why this form: the optimal discriminator logit is ``log d_E − log d_π``; writing it with an LM
@@ -202,7 +205,7 @@ def log_ratio_prefix_logits(
             f"{tuple(policy_token_logps.shape)}, {tuple(shifted_mask.shape)}"
         )
     ratio = (q_token_logps - policy_token_logps.detach()) * shifted_mask.to(q_token_logps.dtype)
-    return bias + F.pad(ratio.cumsum(-1), (1, 0))
+    return bias + scale * F.pad(ratio.cumsum(-1), (1, 0))
 
 
 def bce_discriminator_loss(

@@ -353,8 +353,10 @@ class Save(L.Callback):
         torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()
                     if k.startswith(("policy.", "discriminator."))}, f"rank{trainer.global_rank}.pt")
 L.seed_everything(0)
-m = Adversarial(policy=ModelSpec(config=cfg, tokenizer="task:modes", seed=0),
-                discriminator=ModelSpec(config=cfg, tokenizer="task:modes", seed=1), policy_loss=sys.argv[1],
+form = dict(discriminator=ModelSpec(config=cfg, tokenizer="task:modes", seed=1))
+if sys.argv[2] == "log_ratio":  # q = a copy of the policy, one warm-up batch, then a policy step
+    form = dict(discriminator_form="log_ratio", disc_warmup_steps=1, disc_mle_weight=1.0)
+m = Adversarial(policy=ModelSpec(config=cfg, tokenizer="task:modes", seed=0), **form, policy_loss=sys.argv[1],
                 sampling=SamplingConfig(max_new_tokens=6), evaluation=EvalConfig(enabled=False), export=False,
                 optimizer=OptimizerSpec(lr=1e-2), disc_optimizer=OptimizerSpec(lr=1e-2))
 trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", logger=False,
@@ -367,13 +369,14 @@ assert trainer.global_step == 2
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_ddp_two_processes_stay_identical(tmp_path, tiny_spec):
+@pytest.mark.parametrize("form", ["classifier", "log_ratio"])
+def test_ddp_two_processes_stay_identical(tmp_path, tiny_spec, form):
     """Two ranks on different prompts: discriminator and policy gradients are all-reduced, so the
     weights stay equal. Needs ``ddp_find_unused_parameters_true``: each of the two backward passes
     of a step leaves the other network's parameters without a gradient."""
     (tmp_path / "worker.py").write_text(_DDP_WORKER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "worker.py", "ppo"], cwd=tmp_path, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "worker.py", "ppo", form], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

@@ -42,10 +42,11 @@ class Record(L.Callback):
         self.losses.append(float(value) if value is not None else float("nan"))
 
 
-def full_state(module) -> dict:
+def full_state(module, model=None) -> dict:
+    """The full state dict of ``model`` (default: the policy); collective under FSDP2."""
     from torch.distributed.tensor import DTensor
 
-    model = module.policy
+    model = module.policy if model is None else model
     if any(isinstance(p, DTensor) for p in model.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -65,6 +66,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--r1-gamma", type=float, default=0.0, help="adversarial: R1 penalty weight")
+    parser.add_argument("--disc-form", default="classifier", choices=["classifier", "log_ratio"],
+                        help="adversarial: discriminator form (log_ratio: q = a copy of the policy, 1 warm-up step)")
     parser.add_argument("--export", default=None, help="export folder (fit's HF export)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -89,9 +92,11 @@ def main(argv=None) -> None:
     else:
         from lightning_irl.algorithms.adversarial import Adversarial
 
-        disc = ModelSpec(config=dict(TINY_LLAMA), tokenizer="task:modes", seed=1)
-        module = Adversarial(policy=spec, discriminator=disc, num_samples=2, r1_gamma=args.r1_gamma,
-                             sampling=SamplingConfig(max_new_tokens=6), **common)
+        form = dict(discriminator=ModelSpec(config=dict(TINY_LLAMA), tokenizer="task:modes", seed=1))
+        if args.disc_form == "log_ratio":
+            form = dict(discriminator=None, discriminator_form="log_ratio", disc_warmup_steps=1, disc_mle_weight=1.0)
+        module = Adversarial(policy=spec, num_samples=2, r1_gamma=args.r1_gamma,
+                             sampling=SamplingConfig(max_new_tokens=6), **form, **common)
         key = "disc/loss"
     data = DemonstrationDataModule(task="modes", num_train=args.steps * args.batch_size * args.devices, num_val=0,
                                    batch_size=args.batch_size, max_length=32, shuffle=False)
@@ -112,6 +117,7 @@ def main(argv=None) -> None:
                         callbacks=[record], default_root_dir=os.path.dirname(os.path.abspath(args.out)))
     trainer.fit(module, datamodule=data)
     state = full_state(module)
+    disc_state = full_state(module, module.discriminator) if args.algorithm == "adversarial" else None
     if args.lora and args.export:
         # The merged export of a (possibly sharded) LoRA policy from its gathered state dict.
         from lightning_irl.models.lora import merge_lora_state_dict
@@ -122,7 +128,7 @@ def main(argv=None) -> None:
             module.tokenizer.save_pretrained(args.export + "_merged")
         trainer.strategy.barrier("merged")
     if trainer.is_global_zero:
-        torch.save({"losses": record.losses, "state": state, "world_size": trainer.world_size,
+        torch.save({"losses": record.losses, "state": state, "disc_state": disc_state, "world_size": trainer.world_size,
                     "global_step": trainer.global_step,
                     "param_types": sorted({type(p).__name__ for p in module.policy.parameters()})}, args.out)
 

@@ -76,6 +76,26 @@ def test_fsdp2_adversarial_steps(tmp_path):
     assert all(torch.isfinite(torch.tensor(run["losses"])))
 
 
+def test_fsdp2_log_ratio_discriminator_warms_up_trains_and_exports(tmp_path):
+    """The log-ratio discriminator (q, a, b) sharded like the rest: a warm-up step, a policy step,
+    and the export of q with its calibration gathered from the shards."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    run = run_worker(tmp_path, "adv_lr", "--algorithm", "adversarial", "--disc-form", "log_ratio", "--strategy",
+                     "fsdp2", "--devices", 2, "--batch-size", 2, "--steps", 2, "--export", tmp_path / "export")
+    assert run["param_types"] == ["DTensor"] and run["global_step"] == 2
+    assert all(torch.isfinite(torch.tensor(run["losses"])))
+    folder = tmp_path / "export_discriminator"
+    described = json.loads((folder / "log_ratio_discriminator.json").read_text())
+    torch.testing.assert_close(torch.tensor([described["bias"]]), run["disc_state"]["bias"].float())
+    torch.testing.assert_close(torch.tensor([described["scale"]]), run["disc_state"]["scale"].float())
+    q = AutoModelForCausalLM.from_pretrained(folder)
+    for key, value in q.state_dict().items():
+        torch.testing.assert_close(value, run["disc_state"]["q." + key].float(), rtol=0, atol=0)
+
+
 def test_fsdp2_lora_sft_and_merged_export(tmp_path):
     """LoRA under FSDP2: only adapters train, and the gathered state dict merges into a plain HF
     folder (``merge_lora_state_dict``) whose logits equal a DDP run's merged export."""

@@ -110,3 +110,25 @@ def test_lora_discriminator_trains_adapters_and_its_score_head():
     classifier = spec.build_sequence_classifier(spec.load_tokenizer())
     trainable = {n for n, p in classifier.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in trainable) and any("score" in n for n in trainable)
+
+
+def test_lora_log_ratio_discriminator_gets_its_own_adapter_on_a_frozen_base():
+    from lightning_irl.algorithms import Adversarial
+    from lightning_irl.metrics.evaluation import EvalConfig
+
+    module = Adversarial(policy=lora_spec(), discriminator_form="log_ratio", export=False,
+                         evaluation=EvalConfig(enabled=False))
+    module.configure_model()
+    q = module.discriminator.q
+    assert is_peft_model(q) and q is not module.policy
+    trainable = {n for n, p in module.discriminator.named_parameters() if p.requires_grad}
+    assert trainable == {"bias", "scale"} | {n for n in trainable if n.startswith("q.") and "lora_" in n}
+    assert any("lora_" in n for n in trainable)
+    # q starts as the policy: same logits; its adapter trains apart from the policy's
+    ids = torch.tensor([[3, 4, 5, 6, 1]])
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(token_logprobs(q, ids, mask), token_logprobs(module.policy, ids, mask))
+    perturb_adapters(q)
+    assert not torch.allclose(token_logprobs(q, ids, mask), token_logprobs(module.policy, ids, mask))
+    policy_params = {id(p) for p in module.policy.parameters()}
+    assert not any(id(p) in policy_params for p in module.discriminator.parameters())
