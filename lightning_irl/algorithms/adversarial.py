@@ -1,5 +1,5 @@
 """Adversarial imitation: a discriminator tells demonstrations from the policy's samples, and its
-logit, turned into a reward by the divergence table, trains the policy by RL (THEORY.md §2–3).
+logit, turned into a reward by the divergence table, trains the policy by RL (docs/theory.md §2–3).
 
 ``divergence: reverse_kl`` is AIRL (reward ``h``), ``js`` is GAIL (reward ``softplus(h) =
 −log(1 − D)``); ``forward_kl``, ``chi2`` and ``squared_hellinger`` are the other rows of

@@ -2,7 +2,7 @@
 
 Per response token, ``JSD_β(p_T ‖ p_S)`` between the teacher's and the student's next-token
 distributions at ``temperature`` (``objectives.gkd.masked_generalized_jsd_loss``, TRL's
-conventions): β = 0 is forward KL ``KL(p_T‖p_S)``, β = 1 reverse KL ``KL(p_S‖p_T)``. THEORY.md §4.
+conventions): β = 0 is forward KL ``KL(p_T‖p_S)``, β = 1 reverse KL ``KL(p_S‖p_T)``. docs/theory.md §4.
 
 The tokens scored are the demonstrations or, on a seeded share ``on_policy_fraction`` of the
 steps, the student's own samples for the same prompts (GKD's on-policy mode, λ in the paper).

@@ -9,7 +9,7 @@ the objective is SFT plus a χ² penalty on that reward (``objectives.iq_learn.i
 Optionally (``policy_sample_weight > 0``) the same penalty is also applied on the policy's own
 samples, ``w·λ·E_π[r_t²]``: the χ² regulariser over a mixture of expert and policy data as in
 IQ-Learn's online variant. Only the regulariser is added: this is not the full online IQ-Learn
-objective (no ``(1−γ)·E[V(s_0)]`` term, no replay buffer). THEORY.md §4.
+objective (no ``(1−γ)·E[V(s_0)]`` term, no replay buffer). docs/theory.md §4.
 """
 
 from __future__ import annotations

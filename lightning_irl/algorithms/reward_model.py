@@ -1,4 +1,4 @@
-"""Reward models from demonstrations alone (Inverse-RLignment, THEORY.md §5), and Best-of-N.
+"""Reward models from demonstrations alone (Inverse-RLignment, docs/theory.md §5), and Best-of-N.
 
 ``RewardModel`` trains a sequence classifier ``h(x, y)`` (one logit per prompt + response, read at
 the last attended token by ``models.scoring.sequence_logits``) with binary cross-entropy to tell a

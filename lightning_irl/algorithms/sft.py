@@ -1,7 +1,7 @@
 """Supervised fine-tuning = behaviour cloning = minimising forward KL(d_E ‖ d_π).
 
 The loss is the response-token negative log-likelihood, summed and divided by the number of
-response tokens in the global batch (THEORY.md §2, first row of the divergence table).
+response tokens in the global batch (docs/theory.md §2, first row of the divergence table).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The implicit reward of a response is ``r(y) = β·(log π_θ(y|x) − log π_t(y|x))`` with sequence
 log-probs summed over response tokens (EOS included). The loss (``objectives.spin.spin_loss``)
 pushes the demonstration ("chosen") above a response sampled from the opponent ``π_t``
-("rejected"): ``ℓ(r(y_demo) − r(y_gen))``, ``ℓ(z) = log(1 + e^{−z})`` (or a hinge). THEORY.md §4.
+("rejected"): ``ℓ(r(y_demo) − r(y_gen))``, ``ℓ(z) = log(1 + e^{−z})`` (or a hinge). docs/theory.md §4.
 
 The opponent ``π_t`` is the previous iterate: a frozen copy of the policy (eval mode, no grad, not
 in the optimizer, not exported) that *is* part of the Lightning checkpoint, so a resumed run plays

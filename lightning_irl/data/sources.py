@@ -1,6 +1,6 @@
 """Where a reward model's positive and negative (prompt, response) pairs come from.
 
-A ``SampleSource`` names one side of a classifier's data (Inverse-RLignment, THEORY.md §5):
+A ``SampleSource`` names one side of a classifier's data (Inverse-RLignment, docs/theory.md §5):
 
 - ``demonstrations``: the data module's own batch (prompt + expert response);
 - ``policy``: responses sampled from a frozen policy (a folder such as an SFT export, a Hub id,
