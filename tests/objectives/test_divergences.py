@@ -1,4 +1,4 @@
-"""Divergence rewards against exact enumeration: E_π[r ∇log π] = −∇D_f(d_E ‖ π) (THEORY.md §2)."""
+"""Divergence rewards against exact enumeration: E_π[r ∇log π] = −∇D_f(d_E ‖ π) (docs/theory.md §2)."""
 
 import math
 

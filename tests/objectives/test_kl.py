@@ -1,4 +1,4 @@
-"""KL estimators against the exact KL of enumerable categoricals (THEORY.md §3)."""
+"""KL estimators against the exact KL of enumerable categoricals (docs/theory.md §3)."""
 
 import pytest
 import torch

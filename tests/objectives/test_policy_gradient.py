@@ -1,4 +1,4 @@
-"""RLOO, REINFORCE and PPO-clip against brute-force loops and exact enumeration (THEORY.md §3)."""
+"""RLOO, REINFORCE and PPO-clip against brute-force loops and exact enumeration (docs/theory.md §3)."""
 
 import itertools
 import math
