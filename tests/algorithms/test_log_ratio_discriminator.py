@@ -1,7 +1,6 @@
 """The log-ratio discriminator ``h = log q_φ − log π + b``: its logit against a hand computation,
 its start at ``b``, the token/sequence reward identity, its warm-up, resume and export."""
 
-import dataclasses
 import json
 import os
 
@@ -10,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_irl.algorithms import Adversarial, OptimizerSpec
+from lightning_irl.algorithms import Adversarial
 from lightning_irl.cli import build_cli
-from lightning_irl.data import DemonstrationDataModule
-from lightning_irl.data.collate import DemonstrationCollator
 from lightning_irl.metrics.evaluation import EvalConfig
 from lightning_irl.models.discriminator import LOG_RATIO_FILE, LogRatioDiscriminator
 from lightning_irl.objectives.divergences import divergence_reward
-from lightning_irl.rollout import SamplingConfig
+from tests.algorithms.test_adversarial import _batch
+from tests.algorithms.test_adversarial import _module as adversarial_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AIRL = os.path.join(REPO, "configs", "airl.yaml")
@@ -27,19 +25,8 @@ TINY = ["--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "f
 
 
 def _module(tiny_spec, **kwargs):
-    defaults = dict(policy=tiny_spec, discriminator_form="log_ratio", num_samples=4,
-                    sampling=SamplingConfig(max_new_tokens=6), export=False, max_grad_norm=None,
-                    evaluation=EvalConfig(enabled=False))
-    module = Adversarial(**{**defaults, **kwargs})
-    module.configure_model()
-    return module
-
-
-def _batch(module, n=4, seed=0):
-    data = DemonstrationDataModule(task="modes", num_train=n, num_val=0, batch_size=n, task_seed=seed)
-    data.set_tokenizer(module.tokenizer)
-    data.setup("fit")
-    return DemonstrationCollator(module.tokenizer.pad_token_id)(data.datasets["train"])
+    return adversarial_module(tiny_spec, **{"discriminator": None, "discriminator_form": "log_ratio",
+                                            "evaluation": EvalConfig(enabled=False), **kwargs})
 
 
 def _by_hand(model, ids, attention, response):
