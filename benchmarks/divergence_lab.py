@@ -178,6 +178,27 @@ def _padded(rows: List[List[int]], pad: int, left: bool = False):
     return ids, mask
 
 
+def _teacher_forced(policy, tokenizer, pairs: List[Tuple[str, str]], chunk: int = 512):
+    """(rows, log π(answer|prompt)) of (prompt, answer) pairs encoded as demonstrations are: the
+    prompt with special tokens, the answer without, then EOS; rows are right-padded."""
+    import torch
+
+    from lightning_irl.objectives.logprobs import sequence_logprobs, token_logprobs
+
+    rows, masks = [], []
+    for prompt, answer in pairs:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt_ids + answer_ids)
+        masks.append([0] * len(prompt_ids) + [1] * len(answer_ids))
+    ids, attention = _padded(rows, tokenizer.pad_token_id)
+    loss_mask = _padded(masks, 0)[0]
+    with torch.no_grad():
+        logp = torch.cat([sequence_logprobs(token_logprobs(policy, ids[i:i + chunk], attention[i:i + chunk]),
+                                            loss_mask[i:i + chunk, 1:]) for i in range(0, len(rows), chunk)])
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}, logp
+
+
 def evaluate(policy, tokenizer, task, prompts: List[str], samples: int, max_new_tokens: int,
              module=None, demos: Optional[List[Dict[str, str]]] = None) -> Dict[str, float]:
     """Exact forward KL; sampled reverse KL, invalid mass, per-mode mass and coverage; with an
@@ -189,26 +210,15 @@ def evaluate(policy, tokenizer, task, prompts: List[str], samples: int, max_new_
     from lightning_irl.metrics.functional import estimate, forward_kl_terms, invalid, mode_coverage, \
         reverse_kl_terms, rollout_expert_logps, smoothed_expert_logp
     from lightning_irl.metrics.known_expert import ValidReverseKL
-    from lightning_irl.objectives.logprobs import sequence_logprobs, token_logprobs
+    from lightning_irl.objectives.logprobs import sequence_logprobs
     from lightning_irl.rollout import SamplingConfig, sample
 
     policy.eval()
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
     # forward KL, exactly: every expert answer of every prompt, teacher-forced
-    rows, masks, weights = [], [], []
-    for prompt in prompts:
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        for answer, weight in task.support(prompt).items():
-            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
-            rows.append(prompt_ids + answer_ids)
-            masks.append([0] * len(prompt_ids) + [1] * len(answer_ids))
-            weights.append(weight)
-    ids, attention = _padded(rows, pad)
-    loss_mask = _padded(masks, 0)[0]
-    weights_t = torch.tensor(weights)
-    with torch.no_grad():
-        logp = torch.cat([sequence_logprobs(token_logprobs(policy, ids[i:i + 512], attention[i:i + 512]),
-                                            loss_mask[i:i + 512, 1:]) for i in range(0, len(rows), 512)])
+    support = [(prompt, answer, weight) for prompt in prompts for answer, weight in task.support(prompt).items()]
+    _, logp = _teacher_forced(policy, tokenizer, [(prompt, answer) for prompt, answer, _ in support])
+    weights_t = torch.tensor([weight for _, _, weight in support])
     forward_kl = float((weights_t * forward_kl_terms(weights_t.log(), logp)).sum() / len(prompts))
 
     # samples at temperature 1
@@ -244,17 +254,8 @@ def evaluate(policy, tokenizer, task, prompts: List[str], samples: int, max_new_
     if module is not None and demos:
         # the discriminator against the exact log-ratio h* = log p_E − log π, on held-out
         # demonstrations and on the samples above
-        demo_rows, demo_masks = [], []
-        for record in demos:
-            p_ids = tokenizer(record["prompt"])["input_ids"]
-            r_ids = tokenizer(record["response"], add_special_tokens=False)["input_ids"] + [eos]
-            demo_rows.append(p_ids + r_ids)
-            demo_masks.append([0] * len(p_ids) + [1] * len(r_ids))
-        d_ids, d_attention = _padded(demo_rows, pad)
-        d_loss = _padded(demo_masks, 0)[0]
-        demo_rows_t = {"input_ids": d_ids, "attention_mask": d_attention, "loss_mask": d_loss}
+        demo_rows_t, d_logp = _teacher_forced(policy, tokenizer, [(r["prompt"], r["response"]) for r in demos])
         with torch.no_grad():
-            d_logp = sequence_logprobs(token_logprobs(policy, d_ids, d_attention), d_loss[:, 1:])
             expert_h = module._sequence_disc_logits(demo_rows_t)
             policy_h = module._sequence_disc_logits({"input_ids": rollout.input_ids,
                                                      "attention_mask": rollout.attention_mask,
