@@ -64,8 +64,9 @@ class LogRatioDiscriminator(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, policy_token_logps: torch.Tensor,
                 loss_mask: torch.Tensor, calibrate_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``calibrate_only``: the logit's gradient reaches ``b`` only (``q`` is then fitted by the
-        caller's likelihood term alone: the "fit q as a language model, calibrate b" warm-up)."""
+        """``calibrate_only``: the logit's gradient reaches ``a`` and ``b`` only (``q`` is then fitted
+        by the caller's likelihood term alone: the "fit q as a language model, calibrate a, b"
+        warm-up)."""
         q_logps = token_logprobs(self.q, input_ids, attention_mask)
         width = q_logps.size(1)
         h = log_ratio_prefix_logits(q_logps.detach() if calibrate_only else q_logps, policy_token_logps[:, :width],
@@ -91,4 +92,5 @@ class LogRatioDiscriminator(torch.nn.Module):
                 "reward": "scale * (log q(y|x) - log pi(y|x)) + bias, q = the causal LM in this folder"}
 
 
-__all__ = ["LOG_RATIO_FILE", "LogRatioDiscriminator", "build_discriminator", "last_token_index", "prefix_logits", "score_head", "sequence_logits"]
+__all__ = ["LOG_RATIO_FILE", "LogRatioDiscriminator", "build_discriminator", "last_token_index", "prefix_logits",
+           "score_head", "sequence_logits"]
