@@ -16,9 +16,10 @@ Sharding rules (``shard_for_fsdp2``; FSDP1 uses the same unit boundaries through
 policy):
 
 1. Every Hugging Face model the algorithm holds — policy, frozen reference, discriminator,
-   teacher, SPIN opponent — is sharded the same way: each transformer block (the model's
-   ``_no_split_modules`` classes, e.g. ``LlamaDecoderLayer``) is one FSDP unit, and the model
-   itself (embeddings, final norm, output or score head, tied weights) is one more unit.
+   teacher, SPIN opponent — is sharded the same way: each transformer block (the classes the
+   model declares unsplittable, ``compat.no_split_module_names``, e.g. ``LlamaDecoderLayer``) is
+   one FSDP unit, and the model itself (embeddings, final norm, output or score head, tied
+   weights) is one more unit.
    Blocks free their gathered weights after forward (``reshard_after_forward``); the model-level
    unit of a *trained* model keeps them until its backward (FSDP2's default for a root), that of
    a frozen model frees them after each forward.
@@ -42,6 +43,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from lightning_irl.compat import no_split_module_names, set_data_parallel_size
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +60,7 @@ def block_class_names(module: torch.nn.Module) -> Set[str]:
     """Class names of the transformer blocks of every HF model inside ``module``."""
     names: Set[str] = set()
     for model in _pretrained_models(module):
-        names.update(getattr(model, "_no_split_modules", None) or [])
+        names.update(no_split_module_names(model))
     return names
 
 
@@ -159,12 +162,15 @@ class FSDP2Strategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             **kwargs,
         )
+        self.data_parallel_size = data_parallel_size
         self.reshard_after_forward = reshard_after_forward
         self.cpu_offload = cpu_offload
 
     def setup_environment(self) -> None:
-        if self._data_parallel_size == "auto":
-            self._data_parallel_size = self.num_nodes * self.num_processes
+        # Lightning's "auto" would be one data-parallel replica per node; the process count is
+        # only known now, and the size is only a constructor argument there (hence compat).
+        size = self.data_parallel_size
+        set_data_parallel_size(self, self.num_nodes * self.num_processes if size == "auto" else size)
         super().setup_environment()
 
     def setup(self, trainer) -> None:
@@ -202,8 +208,10 @@ class FSDPStrategy(_LightningFSDPStrategy):
 def require_supported_strategy(module) -> None:
     """Raise for Lightning's plain ``ModelParallelStrategy``: it would leave our models unsharded
     (its users apply parallelism themselves), so gradients would silently not be reduced."""
-    trainer = getattr(module, "_trainer", None)
-    strategy = getattr(trainer, "strategy", None)
+    try:
+        strategy = module.trainer.strategy
+    except RuntimeError:  # LightningModule.trainer raises when no trainer is attached
+        return
     if isinstance(strategy, ModelParallelStrategy) and not isinstance(strategy, FSDP2Strategy):
         raise ValueError(
             "trainer.strategy: use lightning_irl.strategies.FSDP2Strategy (configs/strategies/fsdp2.yaml) "
