@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_irl.models.tokenizers import word_level_tokenizer  # noqa: E402
+from lightning_irl.tokenizers import word_level_tokenizer  # noqa: E402
 
 VOCAB = 4096
 

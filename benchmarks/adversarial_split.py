@@ -9,7 +9,7 @@ discriminator a 2-layer version of it); synthetic prompts of 5-20 tokens, ``--nu
 responses per prompt of up to ``--max-new-tokens`` tokens, RLOO policy loss, one discriminator step.
 The ``Adversarial`` module's own methods are wrapped with timers (nothing else changes):
 
-- rollout:        ``sample_rollout`` (``generate`` with a KV cache + a log-prob forward pass)
+- rollout:        ``rollout`` (``generate`` with a KV cache + a log-prob forward pass)
 - reference:      ``_reference_logprobs`` (frozen reference, no grad)
 - discriminator:  ``discriminator_backward`` + its optimizer step
 - rewards:        ``score_rollout`` (discriminator forward on the rollouts)
@@ -33,10 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _scale_common import set_threads, SMALL_LLAMA, make_dataset, quiet_trainer  # noqa: E402
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
 
 from lightning_irl.algorithms import OptimizerSpec  # noqa: E402
-from lightning_irl.algorithms.adversarial import Adversarial  # noqa: E402
+from lightning_irl.algorithms.adversarial import Adversarial, DiscriminatorTraining  # noqa: E402
 from lightning_irl.data import DemonstrationDataModule  # noqa: E402
 from lightning_irl.models.spec import LoraSpec, ModelSpec  # noqa: E402
 from lightning_irl.rollout import SamplingConfig  # noqa: E402
@@ -55,15 +54,14 @@ def instrument(module: Adversarial, totals: dict, active: list) -> None:
 
     def which_optimizer(optimizer, *rest):
         disc = module.optimizers()[1]
-        inner = getattr(optimizer, "_optimizer", optimizer)
-        return "discriminator_step" if inner is getattr(disc, "_optimizer", disc) else "policy_step"
+        return "discriminator_step" if optimizer.optimizer is disc.optimizer else "policy_step"
 
-    module.sample_rollout = timed("rollout", module.sample_rollout)
+    module.rollout = timed("rollout", module.rollout)
     module._reference_logprobs = timed("reference", module._reference_logprobs)
     module.discriminator_backward = timed("discriminator", module.discriminator_backward)
     module.score_rollout = timed("rewards", module.score_rollout)
     module.policy_backward = timed("policy", module.policy_backward)
-    module.step_optimizer = timed("step", module.step_optimizer, classify=which_optimizer)
+    module.step = timed("step", module.step, classify=which_optimizer)
 
 
 class StepClock(L.Callback):
@@ -99,9 +97,10 @@ def main() -> None:
     policy = ModelSpec(config=dict(SMALL_LLAMA), tokenizer=ds["tokenizer"], seed=0,
                        lora=LoraSpec(r=16, alpha=32) if args.lora else None)
     disc = ModelSpec(config={**SMALL_LLAMA, "num_hidden_layers": 2}, tokenizer=ds["tokenizer"], seed=1)
-    module = Adversarial(policy=policy, discriminator=disc, num_samples=args.num_samples,
-                         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens),
-                         optimizer=OptimizerSpec(lr=1e-5), disc_optimizer=OptimizerSpec(lr=1e-4), export=False)
+    module = Adversarial(policy=policy, discriminator=disc,
+                         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, num_samples=args.num_samples),
+                         discriminator_training=DiscriminatorTraining(optimizer=OptimizerSpec(lr=1e-4)),
+                         optimizer=OptimizerSpec(lr=1e-5), export=False)
     totals: dict = defaultdict(float)
     active = [False]
     instrument(module, totals, active)

@@ -59,8 +59,8 @@ import torch  # noqa: E402
 from torchmetrics.functional.classification import binary_auroc  # noqa: E402
 
 from lightning_irl.algorithms import SFT, BestOfN, OptimizerSpec, RewardModel  # noqa: E402
+from lightning_irl.algorithms.reward_sources import left_pad_prompts  # noqa: E402
 from lightning_irl.data import DemonstrationDataModule  # noqa: E402
-from lightning_irl.data.sources import left_pad_prompts  # noqa: E402
 from lightning_irl.data.tasks import get_task  # noqa: E402
 from lightning_irl.metrics import SMOOTHING  # noqa: E402
 from lightning_irl.metrics.functional import estimate, rollout_expert_logps, smoothed_expert_logp  # noqa: E402
@@ -119,8 +119,8 @@ def candidates(init: str, sft: str, reward_models: Dict[str, str], args) -> List
     folder = lambda path: ModelSpec(model_name_or_path=path)  # noqa: E731  (the export holds its tokenizer)
     scorers = {}
     for pairing, path in reward_models.items():
-        scorers[pairing] = BestOfN(policy=folder(sft), reward_model=folder(path), n=n,
-                                   sampling=SamplingConfig(max_new_tokens=8))
+        scorers[pairing] = BestOfN(policy=folder(sft), reward_model=folder(path),
+                                   sampling=SamplingConfig(max_new_tokens=8, num_samples=n))
         scorers[pairing].configure_model()
         scorers[pairing].eval()
     best = next(iter(scorers.values()))  # its policy samples; every module scores

@@ -52,6 +52,7 @@ lower forward KL and higher coverage. Results and what they say: README, *The di
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -287,7 +288,7 @@ def response_text(tokenizer, response_ids) -> Tuple[str, bool]:
 def exact_log_ratio_module(task, **kwargs):
     """``Adversarial`` whose discriminator is replaced by the exact optimum of its logit,
     ``h* = log p_E(y|x) − log π_θ(y|x)`` (``−∞`` outside the expert's support, so the clip makes it
-    ``−log_ratio_clip`` there), then the same divergence reward, clip, KL shaping and RLOO as the
+    ``−logit_clip`` there), then the same divergence reward, clip, KL shaping and RLOO as the
     learned runs. It isolates what the divergence does from how well a discriminator is learned.
     (Flooring ``log p_E`` instead, as the reverse-KL *metric* does, would be exploitable: an
     invalid response with ``π < 1e-6`` would get a positive ``h``.)"""
@@ -314,7 +315,7 @@ def exact_log_ratio_module(task, **kwargs):
                 text, finished = response_text(tokenizer, ids[response.bool()].tolist())
                 expert.append(task.log_prob(prompt, text) if finished else -math.inf)
             h = torch.tensor(expert, device=logp.device) - logp  # −inf outside the support, clipped below
-            return RolloutScores(divergence_reward(self.divergence, h, self.log_ratio_clip), None, h)
+            return RolloutScores(divergence_reward(self.divergence, h, self.disc.logit_clip), None, h)
 
     return ExactLogRatio(**kwargs)
 
@@ -340,6 +341,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Dict[str, float]]
     import lightning as L
 
     from lightning_irl.algorithms import SFT, Adversarial, OptimizerSpec
+    from lightning_irl.algorithms.adversarial import DiscriminatorTraining, PolicyUpdate
     from lightning_irl.data import DemonstrationDataModule
     from lightning_irl.data.tasks import get_task
     from lightning_irl.metrics.evaluation import EvalConfig
@@ -401,27 +403,29 @@ def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Dict[str, float]]
             else:
                 base = name.rstrip("*").replace("-LR", "")
                 common = dict(policy=policy, divergence={"AIRL": "reverse_kl", "GAIL": "js"}[base],
-                              discriminator_level=args.discriminator_level, num_samples=args.num_samples,
-                              kl_coef=args.kl_coef, kl_estimator="k1", kl_in="reward",
-                              log_ratio_clip=args.log_ratio_clip, optimizer=continuation, sampling=sampling,
-                              evaluation=no_eval, export=False)
+                              policy_update=PolicyUpdate(kl_coef=args.kl_coef, kl_estimator="k1", kl_in="reward"),
+                              optimizer=continuation, evaluation=no_eval, export=False,
+                              sampling=dataclasses.replace(sampling, num_samples=args.num_samples))
+                disc = dict(level=args.discriminator_level, logit_clip=args.log_ratio_clip)
                 if name.endswith("*"):
-                    module = exact_log_ratio_module(task, **common)
+                    module = exact_log_ratio_module(task, discriminator_training=DiscriminatorTraining(**disc),
+                                                    **common)
                 elif name.endswith("-LR"):
                     # q starts as the SFT start (discriminator=None: a copy of the policy)
-                    module = Adversarial(discriminator_form="log_ratio", disc_warmup_steps=args.disc_warmup,
-                                         disc_mle_weight=args.disc_mle_weight, disc_steps=args.lr_disc_steps,
-                                         disc_warmup_fit=args.disc_warmup_fit, disc_bias_lr=args.disc_bias_lr,
-                                         disc_optimizer=OptimizerSpec(lr=args.lr_disc_lr, schedule="constant"),
-                                         **common)
+                    training = DiscriminatorTraining(
+                        form="log_ratio", warmup_steps=args.disc_warmup, mle_weight=args.disc_mle_weight,
+                        steps=args.lr_disc_steps, warmup_fit=args.disc_warmup_fit, bias_lr=args.disc_bias_lr,
+                        optimizer=OptimizerSpec(lr=args.lr_disc_lr, schedule="constant"), **disc)
+                    module = Adversarial(discriminator_training=training, **common)
                     steps += args.disc_warmup
                     if args.disc_warmup:
                         callbacks.append(_WarmupProbe(args.disc_warmup, grade))
                 else:
                     discriminator = policy if args.disc_init == "start" else \
                         _llama(args.hidden, args.layers, 100 + seed, args.task, args.max_length)
-                    module = Adversarial(discriminator=discriminator, disc_steps=args.disc_steps,
-                                         disc_optimizer=OptimizerSpec(lr=args.disc_lr, schedule="constant"), **common)
+                    training = DiscriminatorTraining(steps=args.disc_steps, **disc,
+                                                     optimizer=OptimizerSpec(lr=args.disc_lr, schedule="constant"))
+                    module = Adversarial(discriminator=discriminator, discriminator_training=training, **common)
             seconds = _fit(module, data(), steps, callbacks)
             record(name, module, seconds)
     return results

@@ -168,7 +168,7 @@ def main() -> None:
     methods = {f"SFT +{args.steps}": lambda: SFT(start_spec, **continuation)}
     for beta in args.spin_betas:
         methods[f"SPIN T={args.spin_iterations} β={beta}"] = \
-            lambda beta=beta: SPIN(start_spec, beta=beta, iterations=args.spin_iterations, **continuation)
+            lambda beta=beta: SPIN(start_spec, kl_coef=beta, iterations=args.spin_iterations, **continuation)
     for lam in args.lams:
         methods[f"IQ-Learn λ={lam}"] = lambda lam=lam: IQLearn(start_spec, lam=lam, **continuation)
     for name, build in methods.items():

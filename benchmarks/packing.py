@@ -12,9 +12,8 @@ count and batch size:
   position ids restarting per example, block-causal attention);
 - ``packed_grouped``: both.
 
-Packed batches need the loss call without an attention mask (``PackedDemonstrationCollator``);
-until the base loss path forwards ``position_ids`` this benchmark uses ``PackedSFT`` below, whose
-``nll_backward`` does exactly that (and declares ``supports_packing``).
+Packed rows carry ``position_ids`` (``PackedDemonstrationCollator``); the shipped SFT loss
+(``PolicyModule.nll_sum``) forwards them, so every variant times the shipped path.
 
 Reported: pad share of the [rows x width] cells actually computed, non-pad tokens/s, and each
 variant's tokens/s relative to ``random`` (median over ``--repeats`` rounds, rotating order).
@@ -26,39 +25,17 @@ import argparse
 import os
 import sys
 import tempfile
-from typing import Any, Dict, List
+from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _scale_common import set_threads, SMALL_LLAMA, StepTimer, make_dataset, median, quiet_trainer  # noqa: E402
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from lightning_irl.algorithms import SFT, OptimizerSpec  # noqa: E402
 from lightning_irl.data import DemonstrationDataModule  # noqa: E402
 from lightning_irl.models.spec import ModelSpec  # noqa: E402
-from lightning_irl.objectives.logprobs import token_nll_sum  # noqa: E402
-
-
-class PackedSFT(SFT):
-    """SFT whose loss call honours packed batches (``position_ids``, no attention mask)."""
-
-    supports_packing = True
-
-    def nll_backward(self, batch: Dict[str, Any], scale: float = 1.0) -> torch.Tensor:
-        if "position_ids" not in batch:
-            return super().nll_backward(batch, scale)
-        world = self.trainer.world_size
-        global_tokens = self.global_sum(batch["loss_mask"][:, 1:].sum().float()).clamp(min=1)
-        logits = self.policy(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                             use_cache=False).logits[:, :-1]
-        logps = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch["input_ids"][:, 1:].reshape(-1),
-                                 reduction="none").view(logits.shape[:2])
-        loss = token_nll_sum(logps, batch["loss_mask"][:, 1:]) * world / global_tokens
-        self.manual_backward(loss * scale)
-        return loss.detach() / world
 
 
 VARIANTS = {
@@ -71,7 +48,7 @@ VARIANTS = {
 
 def run(ds, name: str, args) -> Dict[str, float]:
     L.seed_everything(0)
-    module = PackedSFT(policy=ModelSpec(config=dict(SMALL_LLAMA), tokenizer=ds["tokenizer"], seed=0),
+    module = SFT(policy=ModelSpec(config=dict(SMALL_LLAMA), tokenizer=ds["tokenizer"], seed=0),
                        optimizer=OptimizerSpec(lr=1e-4, schedule="constant_with_warmup"), export=False)
     data = DemonstrationDataModule(train_file=ds["train_file"], batch_size=args.batch_size,
                                    max_length=args.max_length, **VARIANTS[name])

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from lightning_irl.data.collate import _pad  # noqa: E402
+from lightning_irl.data.collate import pad_sequences  # noqa: E402
 from lightning_irl.data.tasks import get_task  # noqa: E402
 from lightning_irl.models.spec import ModelSpec  # noqa: E402
 from lightning_irl.rollout import SamplingConfig, response_mask_from_ids, sample  # noqa: E402
@@ -54,8 +54,8 @@ def main() -> None:
     model = spec.build_causal_lm(tok).to(device).eval()
     task = get_task(args.task)
     rows = [tok(p)["input_ids"] for p in task.prompts(args.prompts, seed=0)]
-    ids = _pad(rows, tok.pad_token_id, left=True).to(device)
-    mask = _pad([[1] * len(r) for r in rows], 0, left=True).to(device)
+    padded = pad_sequences(rows, tok.pad_token_id, left=True)
+    ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
     config = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0,
                             num_samples=args.num_samples)
 

@@ -226,3 +226,46 @@ def test_link_mode_ending_at_a_validation_keeps_the_link(tmp_path):
     assert os.path.islink(last) and os.path.realpath(last) == os.path.realpath(checkpoint.best_model_path)
     _assert_holds_final_state(last, trainer, module)
 
+
+# ---- nothing outside compat.py reaches into a library's private names ---------------------------
+
+def test_no_module_but_compat_reads_or_writes_a_private_library_name():
+    """An ``obj._name`` access or ``getattr(obj, "_name")`` anywhere in the package except
+    ``compat.py`` must name something the package defines itself (its own helpers and state);
+    anything else is a private name of Lightning, transformers or torch."""
+    import ast
+
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lightning_irl")
+    trees = {}
+    for folder, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    trees[os.path.relpath(path, package)] = ast.parse(f.read())
+    own = set()  # private names the package itself defines: defs, class attributes, assignments
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                    and getattr(node.value, "id", None) in ("self", "cls"):
+                own.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+
+    def private(name):
+        return name.startswith("_") and not (name.startswith("__") and name.endswith("__")) and name not in own
+
+    found = []
+    for path, tree in trees.items():
+        if path == "compat.py":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and private(node.attr):
+                found.append(f"{path}:{node.lineno} .{node.attr}")
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "setattr", "hasattr") \
+                    and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) \
+                    and isinstance(node.args[1].value, str) and private(node.args[1].value):
+                found.append(f"{path}:{node.lineno} {node.func.id}(..., {node.args[1].value!r})")
+    assert not found, "private library names used outside lightning_irl/compat.py:\n" + "\n".join(found)

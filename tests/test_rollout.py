@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_irl.data.collate import _pad
+from lightning_irl.data.collate import pad_sequences
 from lightning_irl.objectives.logprobs import token_logprobs
 from lightning_irl.rollout import SamplingConfig, generate_kwargs, response_mask_from_ids, sample
 
@@ -24,7 +24,8 @@ def setup():
 
 def left_padded(tokenizer, prompts):
     rows = [tokenizer(p)["input_ids"] for p in prompts]
-    return _pad(rows, tokenizer.pad_token_id, left=True), _pad([[1] * len(r) for r in rows], 0, left=True)
+    padded = pad_sequences(rows, tokenizer.pad_token_id, left=True)
+    return padded["input_ids"], padded["attention_mask"]
 
 
 def test_response_mask_stops_after_first_eos():

@@ -16,7 +16,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from lightning_irl.algorithms.base import BATCH_KEYS, IRLModule, freeze, split_micro_batches
+from lightning_irl.algorithms.base import freeze
+from lightning_irl.algorithms.engine import response_tokens, rollout_rows, sequence_rows
+from lightning_irl.algorithms.policy import PolicyModule
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.objectives.gkd import masked_generalized_jsd_loss
 from lightning_irl.objectives.logprobs import shifted_logits
@@ -29,7 +31,7 @@ def output_size(model: torch.nn.Module) -> int:
     return int(embeddings.weight.shape[0]) if embeddings is not None else int(model.config.vocab_size)
 
 
-class Distill(IRLModule):
+class Distill(PolicyModule):
     """Generalized-JSD distillation of a teacher into the policy (the student).
 
     Args:
@@ -40,17 +42,18 @@ class Distill(IRLModule):
             student's is refused, and so are output layers of different sizes (unless both
             cover the tokenizer and differ only in padding rows, which are then ignored). An
             inline teacher without ``tokenizer:`` uses the student's.
-        beta: β ∈ [0, 1] of the generalized JSD (0 forward KL, 1 reverse KL, 0.5 JSD).
+        jsd_beta: β ∈ [0, 1] of the generalized JSD (0 forward KL, 1 reverse KL, 0.5 JSD; TRL's
+            ``GKDConfig.beta``).
         temperature: Softmax temperature of both distributions inside the loss (separate from
             ``sampling.temperature``, used when the student samples).
         on_policy_fraction: λ ∈ [0, 1]: each step, with probability λ, the demonstrated responses
             are replaced by the student's samples (``sampling``) for the same prompts. Decided
             from (``seed``, global step), so every rank and a resumed run agree.
         seed: Seed of the on-policy draws.
-        **kwargs: ``IRLModule`` arguments (optimizer, micro_batch_size, max_grad_norm, sampling, ...).
+        **kwargs: ``PolicyModule`` arguments (optimizer, micro_batch_size, max_grad_norm, sampling, ...).
 
-    Normalisation: Σ per-token JSD × world_size / global loss-token count (micro-batches and ranks),
-    as ``nll_backward``. A teacher loaded from a folder or the Hub is left out of checkpoints (it
+    Normalisation (the engine): the per-token JSD averaged over the response tokens of the global
+    step, as SFT's NLL. A teacher loaded from a folder or the Hub is left out of checkpoints (it
     is rebuilt from its spec on resume); an inline teacher is small and is saved with them.
     """
 
@@ -58,21 +61,21 @@ class Distill(IRLModule):
         self,
         policy: ModelSpec,
         teacher: ModelSpec,
-        beta: float = 0.5,
+        jsd_beta: float = 0.5,
         temperature: float = 1.0,
         on_policy_fraction: float = 0.0,
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(policy, **kwargs)
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        if not 0.0 <= jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= on_policy_fraction <= 1.0:
             raise ValueError(f"on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
         self.teacher_spec = teacher
-        self.beta = beta
+        self.jsd_beta = jsd_beta
         self.temperature = temperature
         self.on_policy_fraction = on_policy_fraction
         self.seed = seed
@@ -117,34 +120,23 @@ class Distill(IRLModule):
             return False
         return random.Random(self.seed * 1_000_003 + step).random() < self.on_policy_fraction
 
+    def _jsd_sum(self, micro: Dict[str, torch.Tensor]) -> torch.Tensor:
+        student = shifted_logits(self.policy, micro["input_ids"], micro["attention_mask"])
+        with torch.no_grad():
+            teacher = shifted_logits(self.teacher, micro["input_ids"], micro["attention_mask"])
+        if self._vocab is not None:
+            student, teacher = student[..., : self._vocab], teacher[..., : self._vocab]
+        return masked_generalized_jsd_loss(student, teacher, micro["loss_mask"][:, 1:], beta=self.jsd_beta,
+                                           temperature=self.temperature, num_loss_tokens=1)  # a sum
+
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         self.count_tokens(batch)
-
         on_policy = self.use_on_policy(self.trainer.global_step)
-        if on_policy:
-            rollout = self.rollout(batch, compute_logprobs=False)
-            data = {key: getattr(rollout, key) for key in BATCH_KEYS}
-        else:
-            data = {key: batch[key] for key in BATCH_KEYS}
-
-        world = self.trainer.world_size
-        global_tokens = self.global_sum(data["loss_mask"][:, 1:].sum().float()).clamp(min=1)
-        total = torch.zeros((), device=self.device)
-        for micro in split_micro_batches(data, self.micro_batch_size):
-            student = shifted_logits(self.policy, micro["input_ids"], micro["attention_mask"])
-            with torch.no_grad():
-                teacher = shifted_logits(self.teacher, micro["input_ids"], micro["attention_mask"])
-            if self._vocab is not None:
-                student, teacher = student[..., : self._vocab], teacher[..., : self._vocab]
-            loss = masked_generalized_jsd_loss(student, teacher, micro["loss_mask"][:, 1:], beta=self.beta,
-                                               temperature=self.temperature, num_loss_tokens=global_tokens)
-            self.manual_backward(loss * world)
-            total += loss.detach()
-        self.step_optimizer(optimizer, scheduler)
-
-        self.log("train/loss", total, prog_bar=True, sync_dist=True, reduce_fx="sum")
+        rows = rollout_rows(self.rollout(batch, compute_logprobs=False)) if on_policy else sequence_rows(batch)
+        loss = self.engine.backward(rows, self._jsd_sum, response_tokens, self.micro_batch_size)["loss"]
+        self.step(optimizer, scheduler)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
         self.log("distill/on_policy", float(on_policy))
         self.log("train/lr", scheduler.get_last_lr()[0], on_step=True, on_epoch=False)
 

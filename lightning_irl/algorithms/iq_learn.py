@@ -18,26 +18,14 @@ from typing import Any, Dict
 
 import torch
 
-from lightning_irl.algorithms.base import BATCH_KEYS, IRLModule, split_micro_batches
+from lightning_irl.algorithms.engine import response_tokens, rollout_rows, sequence_rows
+from lightning_irl.algorithms.policy import PolicyModule
 from lightning_irl.models.spec import ModelSpec
-from lightning_irl.objectives.iq_learn import iq_learn_loss, next_state_values
+from lightning_irl.objectives.iq_learn import implied_rewards, iq_learn_loss
 from lightning_irl.objectives.logprobs import shifted_logits
 
 
-def implied_rewards(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``Q(s_t,a_t) − γ·V(s_{t+1})`` at loss positions (0 elsewhere), differentiable: [B, T-1].
-
-    The same expression ``iq_learn_loss`` penalises, kept attached to the graph."""
-    mask = mask.bool()
-    work = logits.float()
-    targets = targets.masked_fill(~mask, 0).long()
-    q_taken = work.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    values = torch.logsumexp(work, dim=-1)
-    rewards = q_taken - next_state_values(values, mask, gamma)
-    return torch.where(mask, rewards, torch.zeros_like(rewards))
-
-
-class IQLearn(IRLModule):
+class IQLearn(PolicyModule):
     """Inverse soft-Q learning with the policy's logits as Q (offline, χ² regulariser).
 
     Args:
@@ -47,11 +35,10 @@ class IQLearn(IRLModule):
         policy_sample_weight: w ≥ 0. When > 0 (and λ > 0), sample ``sampling.num_samples``
             responses per prompt from the policy each step and add ``w·λ·Σ r_t² / (global
             sampled tokens)``. Default 0: purely offline.
-        **kwargs: ``IRLModule`` arguments (optimizer, micro_batch_size, max_grad_norm, sampling, ...).
+        **kwargs: ``PolicyModule`` arguments (optimizer, micro_batch_size, max_grad_norm, sampling, ...).
 
-    Normalisation: as ``nll_backward``, sums over response tokens × world_size / global loss-token
-    count (summed over micro-batches and ranks before the first backward). The policy-sample
-    penalty is normalised the same way by the global count of sampled tokens.
+    Normalisation (the engine): per response token of the global step, for the demonstrations'
+    terms and, separately, for the policy-sample penalty over the sampled tokens.
     """
 
     def __init__(
@@ -73,54 +60,41 @@ class IQLearn(IRLModule):
         self.gamma = gamma
         self.policy_sample_weight = policy_sample_weight
 
-    def _policy_sample_penalty(self, batch: Dict[str, Any], world: int) -> torch.Tensor:
-        rollout = self.rollout(batch, compute_logprobs=False)
-        generated = {key: getattr(rollout, key) for key in BATCH_KEYS}
-        tokens = self.global_sum(generated["loss_mask"][:, 1:].sum().float()).clamp(min=1)
-        scale = self.policy_sample_weight * self.lam * world / tokens
-        total = torch.zeros((), device=self.device)
-        for micro in split_micro_batches(generated, self.micro_batch_size):
-            logits = shifted_logits(self.policy, micro["input_ids"], micro["attention_mask"])
-            rewards = implied_rewards(logits, micro["input_ids"][:, 1:], micro["loss_mask"][:, 1:], self.gamma)
-            penalty = (rewards * rewards).sum() * scale
-            self.manual_backward(penalty)
-            total += penalty.detach()
-        return total / world
+    def _demonstration_sums(self, micro: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        logits = shifted_logits(self.policy, micro["input_ids"], micro["attention_mask"])
+        mask = micro["loss_mask"][:, 1:]
+        out = iq_learn_loss(logits, micro["input_ids"][:, 1:], mask, lam=self.lam, gamma=self.gamma,
+                            num_loss_tokens=1)  # sums: the engine normalises
+        rewards = out.implied_rewards[mask.bool()]
+        return {"loss": out.loss, "nll": out.nll, "penalty": out.penalty,
+                "reward": rewards.sum(), "reward_sq": (rewards * rewards).sum()}
+
+    def _sample_penalty_sum(self, micro: Dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = shifted_logits(self.policy, micro["input_ids"], micro["attention_mask"])
+        rewards = implied_rewards(logits, micro["input_ids"][:, 1:], micro["loss_mask"][:, 1:], self.gamma)
+        return (rewards * rewards).sum()
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         self.count_tokens(batch)
-
-        world = self.trainer.world_size
-        global_tokens = self.global_sum(batch["loss_mask"][:, 1:].sum().float()).clamp(min=1)
-        nll = torch.zeros((), device=self.device)
-        penalty = torch.zeros((), device=self.device)
-        reward_stats = torch.zeros(3, device=self.device)  # Σ r, Σ r², count
-        for micro in split_micro_batches(batch, self.micro_batch_size):
-            logits = shifted_logits(self.policy, micro["input_ids"], micro["attention_mask"])
-            mask = micro["loss_mask"][:, 1:]
-            out = iq_learn_loss(logits, micro["input_ids"][:, 1:], mask, lam=self.lam, gamma=self.gamma,
-                                num_loss_tokens=global_tokens)
-            self.manual_backward(out.loss * world)
-            nll += out.nll
-            penalty += out.penalty
-            r = out.implied_rewards[mask.bool()]
-            reward_stats += torch.stack([r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), device=r.device)])
-        total = nll + penalty
+        shares = self.engine.backward(sequence_rows(batch), self._demonstration_sums, response_tokens,
+                                      self.micro_batch_size)
+        total = shares["loss"]
         if self.policy_sample_weight > 0 and self.lam > 0:
-            policy_penalty = self._policy_sample_penalty(batch, world)
-            total = total + policy_penalty
-            self.log("train/penalty_policy", policy_penalty, sync_dist=True, reduce_fx="sum")
-        self.step_optimizer(optimizer, scheduler)
+            rollout = self.rollout(batch, compute_logprobs=False)
+            penalty = self.engine.backward(rollout_rows(rollout), self._sample_penalty_sum, response_tokens,
+                                           self.micro_batch_size,
+                                           weights={"loss": self.policy_sample_weight * self.lam})["loss"]
+            penalty = penalty * self.policy_sample_weight * self.lam
+            total = total + penalty
+            self.log("train/penalty_policy", penalty, sync_dist=True, reduce_fx="sum")
+        self.step(optimizer, scheduler)
 
-        reward_stats = self.global_sum(reward_stats)
-        count = reward_stats[2].clamp(min=1)
-        mean = reward_stats[0] / count
-        std = (reward_stats[1] / count - mean * mean).clamp(min=0).sqrt()
+        # shares summed over ranks are global means: E[r] and E[r²] per demonstrated token
+        moments = self.engine.global_sum(torch.stack([shares["reward"], shares["reward_sq"]]))
         self.log("train/loss", total, prog_bar=True, sync_dist=True, reduce_fx="sum")
-        self.log("train/nll", nll, sync_dist=True, reduce_fx="sum")
-        self.log("train/penalty", penalty, sync_dist=True, reduce_fx="sum")
-        self.log("iq/reward_mean", mean)
-        self.log("iq/reward_std", std)
+        self.log("train/nll", shares["nll"], sync_dist=True, reduce_fx="sum")
+        self.log("train/penalty", shares["penalty"], sync_dist=True, reduce_fx="sum")
+        self.log("iq/reward_mean", moments[0])
+        self.log("iq/reward_std", (moments[1] - moments[0] ** 2).clamp(min=0).sqrt())
         self.log("train/lr", scheduler.get_last_lr()[0], on_step=True, on_epoch=False)

@@ -25,7 +25,6 @@ them with a reward model and returns the best one per prompt with its reward.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -34,7 +33,10 @@ import torchmetrics
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from lightning_irl.algorithms.base import IRLModule, OptimizerSpec, build_optimizer, freeze
-from lightning_irl.data.sources import (
+from lightning_irl.algorithms.engine import map_micro_batches, sequences
+from lightning_irl.algorithms.export import Export
+from lightning_irl.algorithms.policy import PolicyModule
+from lightning_irl.algorithms.reward_sources import (
     DemonstrationSide,
     FileSide,
     PolicySide,
@@ -42,12 +44,13 @@ from lightning_irl.data.sources import (
     Side,
     SideBatch,
     encode_pairs,
-    row_chunks,
     same_vocabulary,
 )
 from lightning_irl.models.scoring import sequence_logits
 from lightning_irl.models.spec import ModelSpec
+from lightning_irl.objectives.divergences import bce_sum
 from lightning_irl.rollout import SamplingConfig
+from lightning_irl.strategies import require_supported_strategy
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +65,11 @@ SIDES = ("positive", "negative")
 def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     micro_batch_size: Optional[int] = None) -> torch.Tensor:
     """Rewards [N] (float32) of whole sequences, in row chunks; any padding side, pad == EOS safe."""
-    out = [sequence_logits(model, c["input_ids"], c["attention_mask"]).float()
-           for c in row_chunks(input_ids, attention_mask, micro_batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, device=input_ids.device)
+    if input_ids.size(0) == 0:
+        return torch.zeros(0, device=input_ids.device)
+    return map_micro_batches({"input_ids": input_ids, "attention_mask": attention_mask},
+                             lambda c: sequence_logits(model, c["input_ids"], c["attention_mask"]).float(),
+                             micro_batch_size)
 
 
 def score_pairs(model: torch.nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str],
@@ -129,9 +134,10 @@ class RewardModel(IRLModule):
         export_dir: Optional[str] = None,
         export: bool = True,
     ) -> None:
-        super().__init__(classifier, optimizer=optimizer, micro_batch_size=micro_batch_size,
-                         max_grad_norm=max_grad_norm, sampling=sampling, export_dir=export_dir, export=export)
+        super().__init__(classifier.load_tokenizer(), optimizer=optimizer, micro_batch_size=micro_batch_size,
+                         max_grad_norm=max_grad_norm, export_dir=export_dir, export=export)
         self.classifier_spec = classifier
+        self.sampling = sampling
         self.preset = preset
         self.sources = self.resolve_sources(preset, initial_policy, sft_policy, positive, negative)
         self.reward_model: Optional[torch.nn.Module] = None
@@ -180,8 +186,6 @@ class RewardModel(IRLModule):
 
     # ---- building ----------------------------------------------------------------------
     def configure_model(self) -> None:
-        from lightning_irl.strategies import require_supported_strategy
-
         require_supported_strategy(self)
         if self.reward_model is None:
             self.reward_model = self.classifier_spec.build_sequence_classifier(self.tokenizer)
@@ -201,9 +205,7 @@ class RewardModel(IRLModule):
             if source.kind == "demonstrations":
                 self.sides[side] = DemonstrationSide(source)
             elif source.kind == "file" and side not in self.sides:
-                rank = self.trainer.global_rank if self.trainer is not None else 0
-                world = self.trainer.world_size if self.trainer is not None else 1
-                self.sides[side] = FileSide(source, self.tokenizer, rank, world)
+                self.sides[side] = FileSide(source, self.tokenizer, self.global_rank, self.engine.world)
 
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.reward_model, self.optimizer_spec, self.total_steps())
@@ -223,27 +225,25 @@ class RewardModel(IRLModule):
 
     # ---- training ----------------------------------------------------------------------
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         self.count_tokens(batch)
         drawn = self._draw(batch, "train")
-        world = self.trainer.world_size if self.trainer is not None else 1
-        loss_total = torch.zeros((), device=self.device)
+        loss = torch.zeros((), device=self.device)
         scores: Dict[str, List[torch.Tensor]] = {side: [] for side in SIDES}
-        for side, sign in (("positive", -1.0), ("negative", 1.0)):
-            rows = drawn[side]
-            count = self.global_sum(torch.tensor(float(len(rows)), device=self.device)).clamp(min=1)
-            for chunk in row_chunks(rows.input_ids, rows.attention_mask, self.micro_batch_size):
-                h = sequence_logits(self.reward_model, chunk["input_ids"], chunk["attention_mask"]).float()
-                # positive (label 1): −log σ(h) = softplus(−h); negative (label 0): softplus(h)
-                loss = 0.5 * F.softplus(sign * h).sum() * world / count
-                self.manual_backward(loss)
-                loss_total += loss.detach() / world
+        for side, target in (("positive", 1.0), ("negative", 0.0)):
+            def side_sum(micro, side=side, target=target):
+                h = sequence_logits(self.reward_model, micro["input_ids"], micro["attention_mask"]).float()
                 scores[side].append(h.detach())
-        self.step_optimizer(optimizer, scheduler)
+                return bce_sum(h, target)
+
+            rows = {"input_ids": drawn[side].input_ids, "attention_mask": drawn[side].attention_mask}
+            # each side a mean over its own rows, the two halves weighted ½: balanced classes
+            loss = loss + 0.5 * self.engine.backward(rows, side_sum, sequences, self.micro_batch_size,
+                                                     weights={"loss": 0.5})["loss"]
+        self.step(optimizer, scheduler)
         pos, neg = torch.cat(scores["positive"]), torch.cat(scores["negative"])
         accuracy = torch.cat([(pos > 0).float(), (neg <= 0).float()]).mean()
-        self.log("train/loss", loss_total, prog_bar=True, sync_dist=True, reduce_fx="sum")
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
         self.log("train/accuracy", accuracy, sync_dist=True)
         self.log("train/reward_margin", pos.mean() - neg.mean(), sync_dist=True)
         self.log("train/lr", scheduler.get_last_lr()[0], on_step=True, on_epoch=False)
@@ -318,9 +318,6 @@ class RewardModel(IRLModule):
         return [{"prompt": p, "response": r, "reward": float(s)}
                 for p, r, s in zip(batch["prompt"], batch["response"], rewards)]
 
-    def rollout(self, *args, **kwargs):
-        raise TypeError("a RewardModel has no policy to sample; use BestOfN to sample and score")
-
     # ---- export ------------------------------------------------------------------------
     def export_info(self) -> Dict[str, Any]:
         return {
@@ -331,12 +328,9 @@ class RewardModel(IRLModule):
                      "reward = log p_positive - log p_negative at the optimum",
         }
 
-    def on_fit_end(self) -> None:
-        path = self.resolve_export_dir()
-        if path is None:
-            return
+    def exports(self) -> List[Export]:
         self.reward_model.config.lightning_irl_reward_model = self.export_info()
-        self.export_from_all_ranks(self.reward_model, path, "reward model")
+        return [Export(self.reward_model, "reward model")]
 
 
 def _drop_loaded_policies(module, state_dict, prefix, local_metadata) -> None:
@@ -351,19 +345,20 @@ def _ignore_loaded_policies(module, incompatible_keys) -> None:
         incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(starts)]
 
 
-class BestOfN(IRLModule):
-    """Best-of-N sampling: ``n`` responses per prompt from ``policy``, the one the reward model
-    scores highest is kept (``lightning_irl predict``; rows go to the JSONL prediction writer).
+class BestOfN(PolicyModule):
+    """Best-of-N sampling: ``sampling.num_samples`` (N) responses per prompt from ``policy``, the one
+    the reward model scores highest is kept (``lightning_irl predict``; rows go to the JSONL
+    prediction writer).
 
     Args:
         policy: The policy to sample (e.g. an SFT export).
         reward_model: The reward model, e.g. a folder exported by ``RewardModel``. With its own
             tokenizer (a folder holds one) whose vocabulary differs from the policy's, responses
             are decoded and re-encoded for it as demonstrations are.
-        n: Responses sampled per prompt (``sampling.num_samples`` is ignored).
         return_all: Also return every candidate with its reward and log-probability
             (``candidates``).
-        sampling: Sampling settings (temperature, top-p, length cap, ...).
+        sampling: Sampling settings: ``num_samples`` responses per prompt (N), temperature, top-p,
+            length cap, ...
         micro_batch_size: Score candidates in chunks of this many rows.
 
     Each row: ``prompt``, ``response`` (the best), ``reward``, ``logprob`` (policy log-probability
@@ -376,16 +371,12 @@ class BestOfN(IRLModule):
         self,
         policy: ModelSpec,
         reward_model: ModelSpec,
-        n: int = 4,
         return_all: bool = False,
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: SamplingConfig = SamplingConfig(num_samples=4),
         micro_batch_size: Optional[int] = None,
     ) -> None:
         super().__init__(policy, sampling=sampling, micro_batch_size=micro_batch_size, export=False)
-        if n < 1:
-            raise ValueError(f"BestOfN: n must be >= 1, got {n}")
         self.reward_spec = reward_model
-        self.n = n
         self.return_all = return_all
         self.reward_model: Optional[torch.nn.Module] = None
         self.reward_tokenizer = None
@@ -399,12 +390,6 @@ class BestOfN(IRLModule):
             self.reward_tokenizer = self.tokenizer if same_vocabulary(tokenizer, self.tokenizer) else tokenizer
             self.reward_model = freeze(spec.build_sequence_classifier(self.reward_tokenizer))
 
-    def training_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
-        raise RuntimeError("BestOfN trains nothing: use `lightning_irl predict`")
-
-    def configure_optimizers(self):
-        return None
-
     def score_rollout(self, rollout, prompts: Sequence[str]) -> torch.Tensor:
         """Rewards [N] of a rollout's rows (left-padded prompt, right-padded response)."""
         if self.reward_tokenizer is self.tokenizer:
@@ -414,8 +399,8 @@ class BestOfN(IRLModule):
 
     @torch.no_grad()
     def predict_step(self, batch: Dict[str, Any], batch_idx: int) -> List[Dict[str, Any]]:
-        n = self.n
-        rollout = self.rollout(batch, replace(self.sampling, num_samples=n))
+        n = self.sampling.num_samples
+        rollout = self.rollout(batch)
         prompts = [p for p in batch["prompt"] for _ in range(n)]
         rewards = self.score_rollout(rollout, prompts)
         logps = rollout.sequence_logprobs.tolist()

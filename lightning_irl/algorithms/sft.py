@@ -8,19 +8,18 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from lightning_irl.algorithms.base import IRLModule
+from lightning_irl.algorithms.policy import PolicyModule
 
 
-class SFT(IRLModule):
-    """Forward KL / behaviour cloning on demonstrations. Arguments: see ``IRLModule``."""
+class SFT(PolicyModule):
+    """Forward KL / behaviour cloning on demonstrations. Arguments: see ``PolicyModule``."""
 
-    supports_packing = True  # nll_backward forwards the packed batch's position_ids
+    supports_packing = True  # nll_sum forwards the packed batch's position_ids
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         self.count_tokens(batch)
         loss = self.nll_backward(batch)
-        self.step_optimizer(optimizer, scheduler)
+        self.step(optimizer, scheduler)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
         self.log("train/lr", scheduler.get_last_lr()[0], on_step=True, on_epoch=False)

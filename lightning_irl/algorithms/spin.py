@@ -24,14 +24,16 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
-from lightning_irl.algorithms.base import BATCH_KEYS, IRLModule, freeze, split_micro_batches
+from lightning_irl.algorithms.base import check_choices, freeze
+from lightning_irl.algorithms.engine import rollout_rows, sequence_rows
+from lightning_irl.algorithms.policy import PolicyModule
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.objectives.logprobs import sequence_logprobs, token_logprobs
-from lightning_irl.objectives.spin import SPIN_LOSS_TYPES, spin_loss
+from lightning_irl.objectives.spin import SPINLossType, spin_loss
 from lightning_irl.rollout import sample
 
 log = logging.getLogger(__name__)
@@ -45,13 +47,14 @@ def identical_fraction(chosen: Dict[str, torch.Tensor], rejected: Dict[str, torc
     return sum(a == b for a, b in pairs) / max(len(pairs), 1)
 
 
-class SPIN(IRLModule):
+class SPIN(PolicyModule):
     """Self-play fine-tuning (SPIN) and its multi-iteration form (IRFT).
 
     Args:
         policy: The model being trained; usually an SFT export (``model_name_or_path: <folder>``).
-        beta: β of the implicit reward ``β·(log π_θ − log π_t)``. The logistic loss is minimised
-            over all distributions when ``β·log(π/π_t)`` is the log-odds ``log(p_E/π_t) + c`` of
+        kl_coef: β of the implicit reward ``β·(log π_θ − log π_t)``: the KL coefficient of the RL
+            problem whose optimum that reward describes (SPIN and DPO call it β). The logistic loss
+            is minimised over all distributions when ``β·log(π/π_t)`` is the log-odds ``log(p_E/π_t) + c`` of
             telling demonstrations from opponent samples, i.e. ``π_{t+1} ∝ π_t·(p_E/π_t)^{1/β}``:
             β = 1 aims at the expert, β < 1 overshoots (0.1, the DPO habit, raises the ratio to
             the 10th power; see benchmarks/implicit_vs_sft.py). Default 0.1 as in TRL's DPO.
@@ -64,21 +67,20 @@ class SPIN(IRLModule):
             For whole-epoch iterations, give the number of batches per epoch times the epochs.
         sft_weight: Add ``sft_weight`` × the SFT loss (response-token NLL of the demonstrations,
             normalised by the global token count) to the SPIN loss. 0 = pure SPIN.
-        **kwargs: ``IRLModule`` arguments (optimizer, micro_batch_size, max_grad_norm, sampling,
+        **kwargs: ``PolicyModule`` arguments (optimizer, micro_batch_size, max_grad_norm, sampling,
             export, ...). ``sampling`` drives the opponent's generations: ``num_samples``
             responses per prompt, ``temperature``, ``max_new_tokens``. ``micro_batch_size`` counts
             (chosen, rejected) pairs.
 
-    Normalisation: the loss is a per-pair mean. Each micro-batch backpropagates
-    ``Σ per-pair losses × world_size / (global pair count)``, the pair count summed over ranks
-    before the first backward, so gradient accumulation and DDP give the gradient of one batch.
+    Normalisation (the engine): the loss is a mean over the (chosen, rejected) pairs of the global
+    step, so gradient accumulation and DDP give the gradient of one batch.
     """
 
     def __init__(
         self,
         policy: ModelSpec,
-        beta: float = 0.1,
-        loss_type: str = "sigmoid",
+        kl_coef: float = 0.1,
+        loss_type: SPINLossType = "sigmoid",
         label_smoothing: float = 0.0,
         iterations: int = 1,
         steps_per_iteration: Optional[int] = None,
@@ -86,15 +88,14 @@ class SPIN(IRLModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(policy, **kwargs)
-        if loss_type not in SPIN_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {SPIN_LOSS_TYPES}, got {loss_type!r}")
+        check_choices(SPIN.__init__, loss_type=loss_type)
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         if steps_per_iteration is not None and steps_per_iteration < 1:
             raise ValueError(f"steps_per_iteration must be >= 1, got {steps_per_iteration}")
         if sft_weight < 0:
             raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
-        self.beta = beta
+        self.kl_coef = kl_coef
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
         self.iterations = iterations
@@ -137,43 +138,36 @@ class SPIN(IRLModule):
             opponent_chosen, opponent_rejected = logps(self.opponent, chosen), logps(self.opponent, rejected)
         return logps(self.policy, chosen), logps(self.policy, rejected), opponent_chosen, opponent_rejected
 
+    def _pair_sums(self, pair: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        out = spin_loss(*self._pair_logps(pair["chosen"], pair["rejected"]), beta=self.kl_coef,
+                        loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+        return {"spin": out.losses.sum(), "chosen": out.chosen_rewards.sum(), "rejected": out.rejected_rewards.sum(),
+                "margins": out.margins.sum(), "accuracies": out.accuracies.float().sum()}
+
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         self.count_tokens(batch)
         self._maybe_refresh_opponent()
 
         k = self.sampling.num_samples
         generated = sample(self.opponent, self.tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"],
                            self.sampling, compute_logprobs=False)
-        rejected = {key: getattr(generated, key) for key in BATCH_KEYS}
-        chosen = {key: batch[key].repeat_interleave(k, dim=0) if k > 1 else batch[key] for key in BATCH_KEYS}
-
-        world = self.trainer.world_size
-        local_pairs = torch.tensor(float(chosen["input_ids"].size(0)), device=self.device)
-        global_pairs = self.global_sum(local_pairs).clamp(min=1)
-        # this rank's share of: loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies
-        sums = torch.zeros(5, device=self.device)
-        for chosen_part, rejected_part in zip(split_micro_batches(chosen, self.micro_batch_size),
-                                              split_micro_batches(rejected, self.micro_batch_size)):
-            out = spin_loss(*self._pair_logps(chosen_part, rejected_part), beta=self.beta,
-                            loss_type=self.loss_type, label_smoothing=self.label_smoothing)
-            loss = out.losses.sum() * world / global_pairs
-            self.manual_backward(loss)
-            sums += torch.stack([out.losses.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
-                                 out.margins.sum(), out.accuracies.sum()]).float()
-        shares = sums / global_pairs  # summed over ranks (reduce_fx="sum") = global means
-        total = shares[0]
+        rejected = rollout_rows(generated)
+        chosen = {key: value.repeat_interleave(k, dim=0) for key, value in sequence_rows(batch).items()}
+        shares = self.engine.backward({"chosen": chosen, "rejected": rejected}, self._pair_sums,
+                                      {"spin": lambda pairs: pairs["chosen"]["input_ids"].size(0)},
+                                      self.micro_batch_size)
+        total = shares["spin"]
         if self.sft_weight > 0:
-            nll = self.nll_backward(batch, scale=self.sft_weight)
+            nll = self.nll_backward(batch, weight=self.sft_weight)
             total = total + self.sft_weight * nll
             self.log("train/nll", nll, sync_dist=True, reduce_fx="sum")
-        self.step_optimizer(optimizer, scheduler)
+        self.step(optimizer, scheduler)
 
         self.log("train/loss", total, prog_bar=True, sync_dist=True, reduce_fx="sum")
-        self.log("train/spin_loss", shares[0], sync_dist=True, reduce_fx="sum")
-        for i, name in enumerate(("chosen", "rejected", "margins", "accuracies"), start=1):
-            self.log(f"rewards/{name}", shares[i], sync_dist=True, reduce_fx="sum")
+        self.log("train/spin_loss", shares["spin"], sync_dist=True, reduce_fx="sum")
+        for name in ("chosen", "rejected", "margins", "accuracies"):
+            self.log(f"rewards/{name}", shares[name], sync_dist=True, reduce_fx="sum")
         self.log("spin/iteration", self.opponent_iteration.float())
         self.log("spin/finished_fraction", generated.finished.float().mean(), sync_dist=True)
         # pairs whose generation reproduced the demonstration: z = 0 exactly, no gradient

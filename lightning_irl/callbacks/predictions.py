@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 

@@ -7,21 +7,29 @@ that every prompt ends at the same column and generation continues from there.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 
-def _pad(rows: List[List[int]], value: int, left: bool = False) -> torch.Tensor:
-    width = max(len(r) for r in rows)
+def pad_rows(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
+    """[len(rows), longest] long tensor (at least one column), rows right- or left-aligned."""
+    width = max(max((len(r) for r in rows), default=0), 1)
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
             if left:
-                out[i, width - len(row):] = torch.tensor(row)
+                out[i, width - len(row):] = torch.tensor(list(row))
             else:
-                out[i, : len(row)] = torch.tensor(row)
+                out[i, : len(row)] = torch.tensor(list(row))
     return out
+
+
+def pad_sequences(rows: Sequence[Sequence[int]], pad_token_id: int, left: bool = False) -> Dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of token rows, right-padded (sequences) or left-padded
+    (prompts to sample from)."""
+    return {"input_ids": pad_rows(rows, pad_token_id, left),
+            "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, left)}
 
 
 class DemonstrationCollator:
@@ -32,11 +40,9 @@ class DemonstrationCollator:
         ids = [e["input_ids"] for e in examples]
         prompts = [e["input_ids"][: e["prompt_length"]] for e in examples]
         return {
-            "input_ids": _pad(ids, self.pad_token_id),
-            "attention_mask": _pad([[1] * len(r) for r in ids], 0),
-            "loss_mask": _pad([e["loss_mask"] for e in examples], 0),
-            "prompt_input_ids": _pad(prompts, self.pad_token_id, left=True),
-            "prompt_attention_mask": _pad([[1] * len(r) for r in prompts], 0, left=True),
+            **pad_sequences(ids, self.pad_token_id),
+            "loss_mask": pad_rows([e["loss_mask"] for e in examples], 0),
+            **{f"prompt_{k}": v for k, v in pad_sequences(prompts, self.pad_token_id, left=True).items()},
             "prompt": [e["prompt"] for e in examples],
             "response": [e["response"] for e in examples],
         }
@@ -127,10 +133,10 @@ class PackedDemonstrationCollator(DemonstrationCollator):
             positions.append(row_pos)
             losses.append(row_loss)
         out.update(
-            input_ids=_pad(ids, self.pad_token_id),
-            attention_mask=_pad([[1] * len(r) for r in ids], 0),
-            loss_mask=_pad(losses, 0),
-            position_ids=_pad(positions, 0),
+            input_ids=pad_rows(ids, self.pad_token_id),
+            attention_mask=pad_rows([[1] * len(r) for r in ids], 0),
+            loss_mask=pad_rows(losses, 0),
+            position_ids=pad_rows(positions, 0),
         )
         return out
 

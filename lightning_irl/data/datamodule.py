@@ -7,7 +7,6 @@ import random
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from lightning_irl.data.collate import DemonstrationCollator, PackedDemonstrationCollator

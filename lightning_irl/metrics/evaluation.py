@@ -33,6 +33,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 from torchmetrics import Metric
 
+from lightning_irl.data.collate import DemonstrationCollator
+from lightning_irl.data.tasks import get_task
 from lightning_irl.metrics.diversity import DistinctN, ResponseLength, SelfBLEU
 from lightning_irl.metrics.functional import (
     COVERAGE_THRESHOLD,
@@ -114,8 +116,6 @@ class EvalConfig:
 
     def build_evaluator(self, task=None) -> "SampleEvaluator":
         if self.task is not None:
-            from lightning_irl.data.tasks import get_task
-
             task = get_task(self.task)
         return SampleEvaluator(task, smoothing=self.smoothing, coverage_threshold=self.coverage_threshold,
                                self_bleu_ngram=self.self_bleu_ngram, support_batch_size=self.support_batch_size)
@@ -208,8 +208,6 @@ class SampleEvaluator(torch.nn.Module):
         """
         if self.task is None or not prompts:
             return []
-        from lightning_irl.data.collate import DemonstrationCollator
-
         counts: Dict[str, int] = {}
         for prompt in prompts:
             counts[prompt] = counts.get(prompt, 0) + 1

@@ -64,6 +64,10 @@ import math
 from typing import Any, Callable, Dict, Hashable, List, Mapping, MutableMapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
+from torchmetrics.functional.text import bleu_score
+
+from lightning_irl.data.encode import encode_records
+from lightning_irl.data.tasks.base import normalize
 
 #: Default ε of the smoothed expert. Any ε in (0, 1) gives a true divergence; ε trades the bias on
 #: valid samples (≤ −log(1 − ε) ≈ ε nats, far below the sampling error of a few hundred samples)
@@ -162,8 +166,6 @@ def support_examples(task, tokenizer, prompt: str, max_prompt_length: Optional[i
     """
     if cache is not None and prompt in cache:
         return cache[prompt]
-    from lightning_irl.data.encode import encode_records
-
     support = task.support(prompt)
     records = [{"prompt": prompt, "response": answer} for answer in support]
     examples, stats = encode_records(records, tokenizer, max_length=None, max_prompt_length=max_prompt_length)
@@ -199,8 +201,6 @@ def rollout_expert_logps(task, tokenizer, prompts: Sequence[str], rollout, num_s
 
     ``smoothed_expert_logp(token_logp, lengths, vocab_size, eps)`` then gives log p̃_E.
     """
-    from lightning_irl.data.tasks.base import normalize
-
     k = num_samples
     rows = rollout.response_ids.tolist()
     if len(rows) != len(prompts) * k:
@@ -270,8 +270,6 @@ def self_bleu(texts: Sequence[str], n_gram: int = 4) -> List[float]:
     Uses ``torchmetrics.functional.text.bleu_score`` (no smoothing) with the effective order
     ``min(n_gram, words in the hypothesis)`` and uniform weights; an empty hypothesis scores 0.
     """
-    from torchmetrics.functional.text import bleu_score
-
     if len(texts) < 2:
         return []
     scores = []

@@ -1,4 +1,4 @@
 from lightning_irl.models.spec import LoraSpec, ModelSpec
-from lightning_irl.models.tokenizers import ensure_pad_token, word_level_tokenizer
+from lightning_irl.tokenizers import ensure_pad_token, word_level_tokenizer
 
 __all__ = ["LoraSpec", "ModelSpec", "ensure_pad_token", "word_level_tokenizer"]

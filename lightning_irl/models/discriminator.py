@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -9,12 +9,37 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import TYPE_CHECKING, Dict, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_irl.models.spec import LoraSpec
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters through ``peft``. With LoRA on the policy, the frozen reference is the same
+    base model with the adapter disabled: one copy of the base weights in memory.
+
+    Args:
+        r: Rank of the adapter matrices.
+        alpha: Scale numerator: the update is ``alpha / r · B A`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: Dropout on the adapter's input.
+        target_modules: ``all-linear`` (every linear layer but the output layer) or a list of
+            module-name suffixes such as ``[q_proj, v_proj]``.
+        modules_to_save: Modules trained in full next to the adapters (e.g. ``[lm_head]``).
+        use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)``.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
+    modules_to_save: Optional[List[str]] = None
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
 
 
 def is_peft_model(model: Optional[torch.nn.Module]) -> bool:
@@ -28,7 +53,7 @@ def is_peft_model(model: Optional[torch.nn.Module]) -> bool:
     return isinstance(model, PeftModel)
 
 
-def apply_lora(model: torch.nn.Module, spec: "LoraSpec", task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, spec: LoraSpec, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     """Freeze ``model`` and add trainable LoRA adapters (``peft.get_peft_model``).
 
     ``task_type`` is ``CAUSAL_LM`` for a policy or ``SEQ_CLS`` for a classifier (peft then also

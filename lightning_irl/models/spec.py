@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from transformers import (
@@ -16,7 +16,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lightning_irl.models.tokenizers import ensure_pad_token
+from lightning_irl.data.tasks import task_tokenizer
+from lightning_irl.models.lora import LoraSpec, apply_lora  # re-exported: user code names models.spec.LoraSpec
+from lightning_irl.tokenizers import ensure_pad_token
 
 log = logging.getLogger(__name__)
 
@@ -29,33 +31,6 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-@dataclass
-class LoraSpec:
-    """LoRA adapters through ``peft``. With LoRA on the policy, the frozen reference is the same
-    base model with the adapter disabled: one copy of the base weights in memory.
-
-    Args:
-        r: Rank of the adapter matrices.
-        alpha: Scale numerator: the update is ``alpha / r · B A`` (``alpha / sqrt(r)`` with rsLoRA).
-        dropout: Dropout on the adapter's input.
-        target_modules: ``all-linear`` (every linear layer but the output layer) or a list of
-            module-name suffixes such as ``[q_proj, v_proj]``.
-        modules_to_save: Modules trained in full next to the adapters (e.g. ``[lm_head]``).
-        use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)``.
-    """
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: Any = "all-linear"
-    modules_to_save: Optional[List[str]] = None
-    use_rslora: bool = False
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
 
 
 @dataclass
@@ -119,8 +94,6 @@ class ModelSpec:
                 "or task:<name> for a built-in task)"
             )
         if source.startswith("task:"):
-            from lightning_irl.data.tasks import task_tokenizer
-
             tokenizer = task_tokenizer(source)
         else:
             tokenizer = AutoTokenizer.from_pretrained(
@@ -154,8 +127,6 @@ class ModelSpec:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             model.config.use_cache = False
         if self.lora is not None:
-            from lightning_irl.models.lora import apply_lora
-
             model = apply_lora(model, self.lora, task_type=task_type)
         return model
 

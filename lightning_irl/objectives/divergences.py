@@ -45,8 +45,9 @@ Adding a divergence is one table entry with just ``f``: its reward is then compu
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,11 @@ DIVERGENCES: dict[str, Divergence] = {
                    closed_form_reward=lambda h: torch.exp(h / 2), dropped_constant=-1.0),
     )
 }
+
+
+#: The table's row names, as a type: configs list them in ``--help`` and reject other values.
+DivergenceName = Literal["reverse_kl", "forward_kl", "js", "chi2", "squared_hellinger"]
+assert set(typing.get_args(DivergenceName)) == set(DIVERGENCES), "DivergenceName must name every row"
 
 
 def get_divergence(name: str) -> Divergence:
@@ -208,6 +214,13 @@ def log_ratio_prefix_logits(
     return bias + scale * F.pad(ratio.cumsum(-1), (1, 0))
 
 
+def bce_sum(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """``Σ BCE-with-logits(h, target)`` against a constant target: ``softplus(−h)`` summed for
+    target 1, ``softplus(h)`` for target 0. A sum, so a caller can normalise micro-batches and
+    ranks by the global count (one side of ``bce_discriminator_loss``)."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="sum")
+
+
 def bce_discriminator_loss(
     expert_logits: torch.Tensor, policy_logits: torch.Tensor, label_smoothing: float = 0.0
 ) -> torch.Tensor:
@@ -220,12 +233,8 @@ def bce_discriminator_loss(
     """
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    expert_loss = F.binary_cross_entropy_with_logits(
-        expert_logits, torch.full_like(expert_logits, 1.0 - label_smoothing)
-    )
-    policy_loss = F.binary_cross_entropy_with_logits(
-        policy_logits, torch.full_like(policy_logits, label_smoothing)
-    )
+    expert_loss = bce_sum(expert_logits, 1.0 - label_smoothing) / expert_logits.numel()
+    policy_loss = bce_sum(policy_logits, label_smoothing) / policy_logits.numel()
     return expert_loss + policy_loss
 
 
@@ -270,7 +279,9 @@ __all__ = [
     "DIVERGENCES",
     "Divergence",
     "DiscriminatorAccuracy",
+    "DivergenceName",
     "bce_discriminator_loss",
+    "bce_sum",
     "discriminator_accuracy",
     "divergence_reward",
     "get_divergence",

@@ -36,7 +36,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from lightning_irl.objectives.logprobs import masked_sum
+from lightning_irl.objectives.logprobs import masked_sum, per_loss_token
 
 
 def _check(beta: float, temperature: float) -> None:
@@ -132,9 +132,4 @@ def masked_generalized_jsd_loss(
     tokens for accumulation/DDP-correct gradients (TRL's ``num_items_in_batch``).
     """
     per_token = token_generalized_jsd(student_logits, teacher_logits, beta, temperature)
-    total = masked_sum(per_token, mask)
-    if num_loss_tokens is None:
-        return total / mask.to(per_token.dtype).sum().clamp(min=1)
-    if isinstance(num_loss_tokens, torch.Tensor):
-        return total / num_loss_tokens.to(device=total.device, dtype=total.dtype)
-    return total / float(num_loss_tokens)
+    return per_loss_token(masked_sum(per_token, mask), mask, num_loss_tokens)

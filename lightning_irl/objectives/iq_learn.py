@@ -38,6 +38,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from lightning_irl.objectives.logprobs import per_loss_token
+
 
 class IQLearnOutput(NamedTuple):
     loss: torch.Tensor  # scalar: nll + penalty (attached)
@@ -61,6 +63,19 @@ def next_state_values(values: torch.Tensor, mask: torch.Tensor, gamma: float = 1
     shifted = torch.zeros_like(values)
     shifted[:, :-1] = values[:, 1:]
     return gamma * torch.where(next_valid, shifted, torch.zeros_like(shifted))
+
+
+def implied_rewards(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                    gamma: float = 1.0) -> torch.Tensor:
+    """``r_t = Q(s_t, a_t) − γ·V(s_{t+1})`` at loss positions (0 elsewhere), differentiable:
+    [B, T-1, V] logits, [B, T-1] targets and mask → [B, T-1] in float32 (at least)."""
+    mask_b = mask.bool()
+    work = _work_dtype(logits)
+    safe_targets = targets.masked_fill(~mask_b, 0).long()
+    q_taken = work.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # Q(s_t, a_t)
+    values = torch.logsumexp(work, dim=-1)  # V(s_t)
+    rewards = q_taken - next_state_values(values, mask_b, gamma)
+    return torch.where(mask_b, rewards, torch.zeros_like(rewards))
 
 
 def iq_learn_loss(
@@ -92,23 +107,12 @@ def iq_learn_loss(
     nll_tok = F.cross_entropy(
         work.reshape(-1, work.size(-1)), safe_targets.reshape(-1), reduction="none"
     ).view_as(safe_targets)
-    zero = torch.zeros_like(nll_tok)
-    nll_sum = torch.where(mask_b, nll_tok, zero).sum()
-
-    q_taken = work.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # Q(s_t, a_t)
-    values = torch.logsumexp(work, dim=-1)  # V(s_t)
-    rewards = torch.where(mask_b, q_taken - next_state_values(values, mask_b, gamma), zero)
+    nll_sum = torch.where(mask_b, nll_tok, torch.zeros_like(nll_tok)).sum()
+    rewards = implied_rewards(work, targets, mask_b, gamma)
     sq_sum = (rewards * rewards).sum()
 
-    if num_loss_tokens is None:
-        denom = mask_b.sum().clamp(min=1).to(work.dtype)
-    elif isinstance(num_loss_tokens, torch.Tensor):
-        denom = num_loss_tokens.to(device=work.device, dtype=work.dtype)
-    else:
-        denom = float(num_loss_tokens)
-
-    nll = nll_sum / denom
-    penalty = lam * sq_sum / denom
+    nll = per_loss_token(nll_sum, mask_b, num_loss_tokens)
+    penalty = lam * per_loss_token(sq_sum, mask_b, num_loss_tokens)
     loss = nll + penalty
     return IQLearnOutput(
         loss=loss,

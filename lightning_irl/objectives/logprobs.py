@@ -9,7 +9,7 @@ Conventions used across the package:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +78,18 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = N
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def per_loss_token(total: torch.Tensor, mask: torch.Tensor,
+                   num_loss_tokens: Optional[Union[int, float, torch.Tensor]] = None) -> torch.Tensor:
+    """``total / num_loss_tokens``; the default count is ``mask.sum()`` (at least 1). Pass the
+    global count of loss tokens for accumulation- and DDP-correct gradients (TRL's
+    ``num_items_in_batch``)."""
+    if num_loss_tokens is None:
+        return total / mask.to(total.dtype).sum().clamp(min=1)
+    if isinstance(num_loss_tokens, torch.Tensor):
+        return total / num_loss_tokens.to(device=total.device, dtype=total.dtype)
+    return total / float(num_loss_tokens)
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,20 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - leave_one_out_mean).reshape(rewards.shape)
 
 
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``G_t = Σ_{t'≥t} r_{t'}`` over the valid positions of each row; 0 elsewhere. [B, T] → [B, T]."""
+    rewards = rewards * mask.to(rewards.dtype)
+    return rewards.flip(-1).cumsum(-1).flip(-1) * mask.to(rewards.dtype)
+
+
+def positionwise_rloo(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """Leave-one-out baseline per position: ``G_{i,t} − mean_{j≠i} G_{j,t}`` within each prompt's
+    k contiguous rows (0 past a row's end counts as its return there). [B·k, T] → [B·k, T]."""
+    n, width = returns.shape
+    grouped = returns.reshape(n // k, k, width).transpose(1, 2).reshape(-1, k)
+    return rloo_advantages(grouped, k).reshape(n // k, width, k).transpose(1, 2).reshape(n, width)
+
+
 def _sequence_logps(logps: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """[B, T] token log-probs + mask → [B] summed; [B] sequence log-probs pass through."""
     if mask is None:
@@ -189,7 +203,9 @@ def shape_rewards(
 __all__ = [
     "PPOClipOutput",
     "policy_gradient_loss",
+    "positionwise_rloo",
     "ppo_clip_loss",
+    "reward_to_go",
     "rloo_advantages",
     "shape_rewards",
     "whiten",

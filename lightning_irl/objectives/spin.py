@@ -23,12 +23,14 @@ The reward statistics mirror TRL's DPO metrics ``rewards/chosen``, ``rewards/rej
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import typing
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-SPIN_LOSS_TYPES = ("sigmoid", "hinge")
+SPINLossType = Literal["sigmoid", "hinge"]
+SPIN_LOSS_TYPES = typing.get_args(SPINLossType)
 
 
 class SPINOutput(NamedTuple):

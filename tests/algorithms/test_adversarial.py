@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from lightning_irl.algorithms import Adversarial, OptimizerSpec
-from lightning_irl.algorithms.adversarial import bce_sums, positionwise_rloo, reward_to_go, row_chunks
+from lightning_irl.algorithms.adversarial import DiscriminatorTraining, PolicyUpdate
 from lightning_irl.cli import build_cli
 from lightning_irl.data import DemonstrationDataModule
 from lightning_irl.data.collate import DemonstrationCollator
-from lightning_irl.models.discriminator import build_discriminator, last_token_index, prefix_logits, sequence_logits
-from lightning_irl.models.spec import ModelSpec
+from lightning_irl.models.discriminator import build_discriminator, last_token_index, sequence_logits
 from lightning_irl.objectives.divergences import bce_discriminator_loss, divergence_reward
 from lightning_irl.objectives.policy_gradient import rloo_advantages
 from lightning_irl.rollout import SamplingConfig
@@ -31,9 +30,12 @@ TINY = ["--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "f
         "--model.init_args.evaluation.num_prompts", "4"]
 
 
-def _module(tiny_spec, **kwargs):
-    defaults = dict(policy=tiny_spec, discriminator=dataclasses.replace(tiny_spec, seed=1), num_samples=4,
-                    sampling=SamplingConfig(max_new_tokens=6), export=False, max_grad_norm=None)
+def _module(tiny_spec, disc=None, update=None, num_samples=4, **kwargs):
+    """An Adversarial module; ``disc`` / ``update`` are ``DiscriminatorTraining`` / ``PolicyUpdate`` fields."""
+    defaults = dict(policy=tiny_spec, discriminator=dataclasses.replace(tiny_spec, seed=1),
+                    sampling=SamplingConfig(max_new_tokens=6, num_samples=num_samples), export=False,
+                    max_grad_norm=None, discriminator_training=DiscriminatorTraining(**(disc or {})),
+                    policy_update=PolicyUpdate(**(update or {})))
     module = Adversarial(**{**defaults, **kwargs})
     module.configure_model()
     return module
@@ -57,7 +59,7 @@ def _trainer(max_steps, callbacks=(), **kwargs):
 def test_airl_config_runs_in_process_and_logs_its_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY,
-                     "--model.init_args.disc_warmup_steps", "1"])
+                     "--model.init_args.discriminator_training.warmup_steps", "1"])
     assert cli.trainer.global_step == 2
     logged = set(cli.trainer.callback_metrics)
     for name in ("disc/loss", "disc/acc_expert", "disc/acc_policy", "reward/mean", "reward/std", "kl/ref",
@@ -73,9 +75,11 @@ def test_airl_config_runs_in_process_and_logs_its_metrics(tmp_path, monkeypatch)
 def test_gail_config_runs_through_the_console_script_with_token_level_ppo(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([CLI, "fit", "--config", GAIL, "--trainer.max_steps", "2", *TINY,
-                           "--model.init_args.discriminator_form", "classifier",
-                           "--model.init_args.discriminator_level", "token", "--model.init_args.policy_loss", "ppo",
-                           "--model.init_args.r1_gamma", "1.0", "--model.init_args.sft_weight", "0.1"],
+                           "--model.init_args.discriminator_training.form", "classifier",
+                           "--model.init_args.discriminator_training.level", "token",
+                           "--model.init_args.discriminator_training.r1_gamma", "1.0",
+                           "--model.init_args.policy_update.loss", "ppo",
+                           "--model.init_args.policy_update.sft_weight", "0.1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "gail" / "version_0" / "last.ckpt").exists()
@@ -117,9 +121,10 @@ def test_resume_restores_models_both_optimizers_and_the_step_count(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     # PPO 2 epochs x 2 minibatches and 2 discriminator steps: 4 + 2 optimizer steps per batch,
     # yet global_step counts batches.
-    extra = ["--model.init_args.policy_loss", "ppo", "--model.init_args.ppo_epochs", "2",
-             "--model.init_args.ppo_minibatches", "2", "--model.init_args.disc_steps", "2",
-             "--model.init_args.disc_warmup_steps", "0",
+    extra = ["--model.init_args.policy_update.loss", "ppo", "--model.init_args.policy_update.ppo_epochs", "2",
+             "--model.init_args.policy_update.ppo_minibatches", "2",
+             "--model.init_args.discriminator_training.steps", "2",
+             "--model.init_args.discriminator_training.warmup_steps", "0",
              "--model.init_args.evaluation.enabled", "false", "--model.init_args.export", "false"]
     first = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY, *extra])
     assert first.trainer.global_step == 2
@@ -186,15 +191,16 @@ def test_discriminator_needs_the_policy_vocabulary(tiny_spec, tokenizer):
 # ---- rewards --------------------------------------------------------------------------------
 @pytest.mark.parametrize("divergence", ["reverse_kl", "js", "forward_kl"])
 def test_token_rewards_sum_to_the_sequence_reward_in_the_pipeline(tiny_spec, divergence):
-    token = _module(tiny_spec, divergence=divergence, discriminator_level="token", log_ratio_clip=3.0, kl_coef=0.1)
-    sequence = _module(tiny_spec, divergence=divergence, discriminator_level="sequence", log_ratio_clip=3.0,
-                       kl_coef=0.1)
+    token = _module(tiny_spec, divergence=divergence, disc=dict(level="token", logit_clip=3.0),
+                    update=dict(kl_coef=0.1))
+    sequence = _module(tiny_spec, divergence=divergence, disc=dict(level="sequence", logit_clip=3.0),
+                       update=dict(kl_coef=0.1))
     sequence.discriminator.load_state_dict(token.discriminator.state_dict())
     with torch.no_grad():  # make the logits spread so the clip and the nonlinearity matter
         token.discriminator.score.weight.mul_(300.0)
         sequence.discriminator.score.weight.mul_(300.0)
     batch = _batch(token)
-    rollout = token.sample_rollout(batch)
+    rollout = token.rollout(batch)
     rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "loss_mask": rollout.loss_mask}
     mask = rollout.loss_mask[:, 1:]
     scores = token.score_rollout(rows)
@@ -217,43 +223,14 @@ def test_token_rewards_sum_to_the_sequence_reward_in_the_pipeline(tiny_spec, div
     assert torch.all(adv_token[mask == 0] == 0) and torch.all(adv_seq[mask == 0] == 0)
 
 
-def test_reward_to_go_and_positionwise_rloo_match_loops():
-    g = torch.Generator().manual_seed(0)
-    rewards = torch.randn(6, 5, generator=g)
-    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1],
-                         [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
-    returns = reward_to_go(rewards, mask)
-    for b in range(6):
-        for t in range(5):
-            expected = sum(rewards[b, s] for s in range(t, 5) if mask[b, s]) if mask[b, t] else 0.0
-            assert abs(float(returns[b, t]) - float(expected)) < 1e-5
-    adv = positionwise_rloo(returns, 3)
-    for b in range(6):
-        group = range(b // 3 * 3, b // 3 * 3 + 3)
-        for t in range(5):
-            others = [float(returns[j, t]) for j in group if j != b]
-            assert abs(float(adv[b, t]) - (float(returns[b, t]) - sum(others) / 2)) < 1e-5
-
-
-def test_row_chunks_keep_left_padded_rollouts_whole():
-    ids = torch.tensor([[0, 0, 5, 6, 1, 0], [0, 4, 5, 6, 7, 1], [0, 0, 5, 1, 0, 0]])
-    mask = (ids != 0).long()
-    shifted = torch.arange(15.0).reshape(3, 5)
-    chunks = list(row_chunks({"input_ids": ids, "attention_mask": mask, "logps": shifted}, 2))
-    assert [c["input_ids"].shape[1] for c in chunks] == [6, 4]
-    assert [c["logps"].shape[1] for c in chunks] == [5, 3]
-    assert torch.equal(chunks[1]["logps"], shifted[2:, :3])
-
-
 def test_discriminator_loss_is_the_bce_loss_and_micro_batching_gives_the_same_gradient(tiny_spec):
     def grads(micro):
-        module = _module(tiny_spec, micro_batch_size=micro, label_smoothing=0.1)
+        module = _module(tiny_spec, micro_batch_size=micro, disc=dict(label_smoothing=0.1))
         module.manual_backward = lambda loss: loss.backward()  # no trainer attached
-        module.global_sum = lambda value: value
         batch = _batch(module, n=6)
         expert = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
         torch.manual_seed(3)
-        rollout = module.sample_rollout(batch)
+        rollout = module.rollout(batch)
         policy = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
                   "loss_mask": rollout.loss_mask}
         module.discriminator.zero_grad()
@@ -264,8 +241,6 @@ def test_discriminator_loss_is_the_bce_loss_and_micro_batching_gives_the_same_gr
     full, micro = grads(None), grads(4)
     for name in full:
         torch.testing.assert_close(micro[name], full[name], rtol=1e-4, atol=1e-6)
-    logits = torch.tensor([0.5, -1.0])
-    assert torch.isclose(bce_sums(logits, 1.0) / 2, bce_discriminator_loss(logits, torch.full((1,), -1e4)))
 
 
 # ---- the policy step moves toward higher reward -----------------------------------------------
@@ -300,8 +275,8 @@ def _p_first_token(module, batch, token_id):
                                                ("rloo", "token")])
 def test_one_policy_step_with_a_fixed_reward_moves_toward_the_rewarded_samples(tiny_spec, policy_loss, level):
     L.seed_everything(0)
-    module = _module(tiny_spec, policy_loss=policy_loss, discriminator_level=level, kl_coef=0.0, num_samples=8,
-                     ppo_epochs=1, ppo_minibatches=1, optimizer=OptimizerSpec(lr=3e-3, schedule="constant"))
+    module = _module(tiny_spec, disc=dict(level=level), num_samples=8, optimizer=OptimizerSpec(lr=3e-3, schedule="constant"),
+                     update=dict(loss=policy_loss, kl_coef=0.0, ppo_epochs=1, ppo_minibatches=1))
     token_id = module.tokenizer.convert_tokens_to_ids("a")
     module.score_rollout = _FixedReward(module, token_id, level)
     data = DemonstrationDataModule(task="modes", num_train=16, num_val=0, batch_size=16)
@@ -342,6 +317,7 @@ _DDP_WORKER = r'''
 import sys, torch, lightning as L
 torch.set_num_threads(1)
 from lightning_irl.algorithms import Adversarial, OptimizerSpec
+from lightning_irl.algorithms.adversarial import DiscriminatorTraining, PolicyUpdate
 from lightning_irl.data import DemonstrationDataModule
 from lightning_irl.metrics.evaluation import EvalConfig
 from lightning_irl.models.spec import ModelSpec
@@ -353,12 +329,14 @@ class Save(L.Callback):
         torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()
                     if k.startswith(("policy.", "discriminator."))}, f"rank{trainer.global_rank}.pt")
 L.seed_everything(0)
-form = dict(discriminator=ModelSpec(config=cfg, tokenizer="task:modes", seed=1))
+net = dict(discriminator=ModelSpec(config=cfg, tokenizer="task:modes", seed=1))
+disc = dict(optimizer=OptimizerSpec(lr=1e-2))
 if sys.argv[2] == "log_ratio":  # q = a copy of the policy, one warm-up batch, then a policy step
-    form = dict(discriminator_form="log_ratio", disc_warmup_steps=1, disc_mle_weight=1.0)
-m = Adversarial(policy=ModelSpec(config=cfg, tokenizer="task:modes", seed=0), **form, policy_loss=sys.argv[1],
-                sampling=SamplingConfig(max_new_tokens=6), evaluation=EvalConfig(enabled=False), export=False,
-                optimizer=OptimizerSpec(lr=1e-2), disc_optimizer=OptimizerSpec(lr=1e-2))
+    net, disc = dict(discriminator=None), dict(disc, form="log_ratio", warmup_steps=1, mle_weight=1.0)
+m = Adversarial(policy=ModelSpec(config=cfg, tokenizer="task:modes", seed=0), **net,
+                discriminator_training=DiscriminatorTraining(**disc), policy_update=PolicyUpdate(loss=sys.argv[1]),
+                sampling=SamplingConfig(max_new_tokens=6, num_samples=4), evaluation=EvalConfig(enabled=False),
+                export=False, optimizer=OptimizerSpec(lr=1e-2))
 trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                     limit_val_batches=0, callbacks=[Save()])

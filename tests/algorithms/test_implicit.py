@@ -86,7 +86,7 @@ def test_config_runs_through_cli(name, metrics, tmp_path, monkeypatch):
 
 # ---- SPIN ------------------------------------------------------------------------------------
 def test_spin_loss_is_log2_while_opponent_equals_policy():
-    module = SPIN(spec(), beta=0.5, **SMALL)
+    module = SPIN(spec(), kl_coef=0.5, **SMALL)
     trainer = fit(module, steps=1)
     metrics = trainer.callback_metrics
     assert metrics["train/loss"].item() == pytest.approx(math.log(2), abs=1e-6)
@@ -158,9 +158,9 @@ def test_spin_opponent_is_in_the_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("cls, kwargs", [
-    (SPIN, {"beta": 0.5, "sft_weight": 0.3, "sampling": SamplingConfig(max_new_tokens=8, num_samples=2)}),
+    (SPIN, {"kl_coef": 0.5, "sft_weight": 0.3, "sampling": SamplingConfig(max_new_tokens=8, num_samples=2)}),
     (IQLearn, {"lam": 0.5, "gamma": 0.9}),
-    (Distill, {"teacher": spec(seed=1), "beta": 0.5, "on_policy_fraction": 1.0}),
+    (Distill, {"teacher": spec(seed=1), "jsd_beta": 0.5, "on_policy_fraction": 1.0}),
 ])
 def test_micro_batches_give_the_full_batch_gradient(cls, kwargs):
     grads = []
@@ -208,14 +208,14 @@ def test_iq_learn_rejects_bad_arguments():
 # ---- Distill ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("beta, on_policy", [(0.0, 0.0), (1.0, 0.0), (0.5, 1.0)])
 def test_distill_identical_teacher_gives_zero_loss(beta, on_policy):
-    module = Distill(spec(seed=0), teacher=spec(seed=0), beta=beta, on_policy_fraction=on_policy, **SMALL)
+    module = Distill(spec(seed=0), teacher=spec(seed=0), jsd_beta=beta, on_policy_fraction=on_policy, **SMALL)
     metrics = fit(module, steps=1).callback_metrics
     assert metrics["distill/on_policy"].item() == on_policy
     assert abs(metrics["train/loss"].item()) < 1e-6
 
 
 def test_distill_different_teacher_gives_positive_loss_and_teacher_is_frozen():
-    module = Distill(spec(seed=0), teacher=spec(seed=1), beta=0.0, **SMALL)
+    module = Distill(spec(seed=0), teacher=spec(seed=1), jsd_beta=0.0, **SMALL)
     trainer = fit(module, steps=2)
     assert trainer.callback_metrics["train/loss"].item() > 1e-3
     assert not any(p.requires_grad for p in module.teacher.parameters())
@@ -236,7 +236,7 @@ def test_distill_refuses_a_teacher_with_another_vocabulary(tmp_path):
     module = Distill(spec(), teacher=spec(vocab_size=8))  # fewer logits than the tokenizer's 12 tokens
     with pytest.raises(ValueError, match="vocabulary size"):
         module.configure_model()
-    from lightning_irl.models.tokenizers import word_level_tokenizer
+    from lightning_irl.tokenizers import word_level_tokenizer
 
     word_level_tokenizer(list("xyz")).save_pretrained(tmp_path / "other")
     other = ModelSpec(config=dict(TINY_LLAMA), tokenizer=str(tmp_path / "other"))

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from lightning_irl.algorithms import Adversarial
+from lightning_irl.algorithms.adversarial import DiscriminatorTraining
 from lightning_irl.cli import build_cli
 from lightning_irl.metrics.evaluation import EvalConfig
 from lightning_irl.models.discriminator import LOG_RATIO_FILE, LogRatioDiscriminator
 from lightning_irl.objectives.divergences import divergence_reward
+from lightning_irl.rollout import SamplingConfig
 from tests.algorithms.test_adversarial import _batch
 from tests.algorithms.test_adversarial import _module as adversarial_module
 
@@ -24,9 +26,9 @@ TINY = ["--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "f
         "--model.init_args.evaluation.num_prompts", "4"]
 
 
-def _module(tiny_spec, **kwargs):
-    return adversarial_module(tiny_spec, **{"discriminator": None, "discriminator_form": "log_ratio",
-                                            "evaluation": EvalConfig(enabled=False), **kwargs})
+def _module(tiny_spec, disc=None, **kwargs):
+    return adversarial_module(tiny_spec, disc={"form": "log_ratio", **(disc or {})},
+                              **{"discriminator": None, "evaluation": EvalConfig(enabled=False), **kwargs})
 
 
 def _by_hand(model, ids, attention, response):
@@ -43,11 +45,11 @@ def _by_hand(model, ids, attention, response):
 
 
 def test_logit_is_log_q_minus_log_pi_plus_b_and_starts_at_b(tiny_spec):
-    module = _module(tiny_spec, divergence="reverse_kl", log_ratio_clip=None)
+    module = _module(tiny_spec, divergence="reverse_kl", disc=dict(logit_clip=None))
     disc = module.discriminator
     assert isinstance(disc, LogRatioDiscriminator)
     batch = _batch(module)
-    rollout = module.sample_rollout(batch)
+    rollout = module.rollout(batch)
     rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "loss_mask": rollout.loss_mask,
             "policy_logps": rollout.logprobs}
     # q is a copy of the policy: h = b exactly at the start, on rollouts and demonstrations alike
@@ -74,14 +76,14 @@ def test_logit_is_log_q_minus_log_pi_plus_b_and_starts_at_b(tiny_spec):
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "js"])
 def test_token_rewards_are_per_token_log_ratios_and_sum_to_the_sequence_reward(tiny_spec, divergence):
-    token = _module(tiny_spec, divergence=divergence, discriminator_level="token", log_ratio_clip=None)
-    sequence = _module(tiny_spec, divergence=divergence, discriminator_level="sequence", log_ratio_clip=None)
+    token = _module(tiny_spec, divergence=divergence, disc=dict(level="token", logit_clip=None))
+    sequence = _module(tiny_spec, divergence=divergence, disc=dict(level="sequence", logit_clip=None))
     with torch.no_grad():
         for p in token.discriminator.q.parameters():
             p.add_(0.05 * torch.randn_like(p))
         token.discriminator.bias.fill_(-0.2)
     sequence.discriminator.load_state_dict(token.discriminator.state_dict())
-    rollout = token.sample_rollout(_batch(token))
+    rollout = token.rollout(_batch(token))
     rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "loss_mask": rollout.loss_mask,
             "policy_logps": rollout.logprobs}
     scores, seq_scores = token.score_rollout(rows), sequence.score_rollout(rows)
@@ -99,16 +101,15 @@ def test_token_rewards_are_per_token_log_ratios_and_sum_to_the_sequence_reward(t
 
 
 def test_discriminator_step_learns_and_the_mle_term_raises_q_on_demonstrations(tiny_spec):
-    module = _module(tiny_spec, disc_mle_weight=1.0)
+    module = _module(tiny_spec, disc=dict(mle_weight=1.0))
     batch = _batch(module, n=8)
     optimizer = torch.optim.Adam(module.discriminator.parameters(), lr=1e-3)
-    rollout = module.sample_rollout(batch)
+    rollout = module.rollout(batch)
     rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "loss_mask": rollout.loss_mask,
             "policy_logps": rollout.logprobs}
     expert = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
     expert["policy_logps"] = module._policy_logprobs(expert)
     module.manual_backward = lambda loss: loss.backward()  # no trainer attached
-    module.global_sum = lambda value: value
     losses = []
     for _ in range(5):
         loss, _, expert_h, policy_h = module.discriminator_backward(expert, rows)
@@ -123,8 +124,9 @@ def test_discriminator_step_learns_and_the_mle_term_raises_q_on_demonstrations(t
 @pytest.mark.slow
 def test_warmup_trains_only_the_discriminator_and_resume_restores_q_b_and_the_warmup(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    extra = ["--model.init_args.discriminator_form", "log_ratio", "--model.init_args.disc_warmup_steps", "3",
-             "--model.init_args.disc_steps", "2", "--model.init_args.evaluation.enabled", "false",
+    extra = ["--model.init_args.discriminator_training.form", "log_ratio",
+             "--model.init_args.discriminator_training.warmup_steps", "3",
+             "--model.init_args.discriminator_training.steps", "2", "--model.init_args.evaluation.enabled", "false",
              "--model.init_args.export", "false"]
     first = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY, *extra])
     module = first.model
@@ -165,7 +167,8 @@ def test_warmup_trains_only_the_discriminator_and_resume_restores_q_b_and_the_wa
 def test_fit_exports_q_with_its_bias_and_logs_fidelity(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY,
-                     "--model.init_args.discriminator_form", "log_ratio", "--model.init_args.disc_warmup_steps", "1"])
+                     "--model.init_args.discriminator_training.form", "log_ratio",
+                     "--model.init_args.discriminator_training.warmup_steps", "1"])
     logged = set(cli.trainer.callback_metrics)
     for name in ("disc/bce_heldout", "disc/bce_bayes", "disc/bayes_gap_closed", "disc/bias", "eval/reverse_kl"):
         assert name in logged, (name, sorted(logged))
@@ -183,13 +186,25 @@ def test_fit_exports_q_with_its_bias_and_logs_fidelity(tmp_path, monkeypatch):
 
 def test_bad_combinations_are_refused(tiny_spec):
     with pytest.raises(ValueError, match="r1_gamma"):
-        Adversarial(policy=tiny_spec, discriminator_form="log_ratio", r1_gamma=1.0)
-    with pytest.raises(ValueError, match="disc_mle_weight > 0"):
-        Adversarial(policy=tiny_spec, discriminator_form="log_ratio", disc_warmup_fit="mle", disc_mle_weight=0.0)
+        DiscriminatorTraining(form="log_ratio", r1_gamma=1.0)
+    with pytest.raises(ValueError, match="mle_weight > 0"):
+        DiscriminatorTraining(form="log_ratio", warmup_fit="mle", mle_weight=0.0)
     # switching a log-ratio config to the classifier by one flag: the q-only settings are dropped
-    module = Adversarial(policy=tiny_spec, discriminator_form="classifier", disc_mle_weight=1.0, disc_warmup_fit="mle")
-    assert module.disc_mle_weight == 0.0 and module.disc_warmup_fit == "bce"
-    with pytest.raises(ValueError, match="discriminator_form"):
-        Adversarial(policy=tiny_spec, discriminator_form="ratio")
-    with pytest.raises(ValueError, match="disc_warmup_steps"):
-        Adversarial(policy=tiny_spec, discriminator_form="log_ratio", disc_warmup_steps=-1)
+    disc = DiscriminatorTraining(form="classifier", mle_weight=1.0, warmup_fit="mle")
+    assert disc.mle_weight == 0.0 and disc.warmup_fit == "bce"
+    with pytest.raises(ValueError, match=r"form must be one of \['classifier', 'log_ratio'\], got 'ratio'"):
+        DiscriminatorTraining(form="ratio")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        DiscriminatorTraining(form="log_ratio", warmup_steps=-1)
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        Adversarial(policy=tiny_spec, divergence="kl")
+    with pytest.raises(ValueError, match="num_samples must be >= 2"):
+        Adversarial(policy=tiny_spec, sampling=SamplingConfig(num_samples=1))
+
+
+def test_bad_choices_are_refused_by_the_command_line_with_the_choices_listed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", AIRL, "--model.init_args.discriminator_training.form", "ratio"], run=False)
+    err = capsys.readouterr().err
+    assert "ratio" in err and "log_ratio" in err and "classifier" in err

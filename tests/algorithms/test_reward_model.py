@@ -15,10 +15,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from lightning_irl.algorithms import BestOfN, RewardModel
 from lightning_irl.algorithms.base import OptimizerSpec
 from lightning_irl.algorithms.reward_model import best_of_n_indices
+from lightning_irl.algorithms.reward_sources import SampleSource, encode_pairs
 from lightning_irl.data import DemonstrationDataModule
 from lightning_irl.data.collate import DemonstrationCollator
 from lightning_irl.data.encode import encode_records
-from lightning_irl.data.sources import SampleSource, encode_pairs
 from lightning_irl.models.scoring import sequence_logits
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.rollout import SamplingConfig
@@ -166,8 +166,8 @@ def test_reward_does_not_depend_on_batch_composition_or_padding_side_with_pad_eq
 
     # Best-of-N scores rollouts (left-padded prompts, right-padded responses, pad == EOS): each
     # candidate's reward is the reward of its own tokens scored alone, without any padding.
-    best = _pad_eos(BestOfN(policy=_spec(2), reward_model=_spec(0), n=4, return_all=True,
-                            sampling=SamplingConfig(max_new_tokens=6)))
+    best = _pad_eos(BestOfN(policy=_spec(2), reward_model=_spec(0), return_all=True,
+                            sampling=SamplingConfig(max_new_tokens=6, num_samples=4)))
     torch.manual_seed(0)
     rollout = best.rollout(batch, SamplingConfig(max_new_tokens=6, num_samples=4))
     assert (rollout.attention_mask[:, 0] == 0).any() and (rollout.attention_mask[:, -1] == 0).any()
@@ -215,7 +215,7 @@ def test_cli_fits_the_reward_model_config_then_best_of_n_predicts(tmp_path):
     run([CLI, "predict", "--config", os.path.join(REPO, "configs/best_of_n.yaml"), "--predictions.output_path",
          str(out), "--model.init_args.policy.model_name_or_path", "checkpoints/quickstart/version_0/export",
          "--model.init_args.reward_model.model_name_or_path", "checkpoints/reward_model/version_0/export",
-         "--model.init_args.n", "3", "--model.init_args.return_all", "true", "--data.init_args.num_test", "5"])
+         "--model.init_args.sampling.num_samples", "3", "--model.init_args.return_all", "true", "--data.init_args.num_test", "5"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5
     for row in rows:

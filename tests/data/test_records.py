@@ -5,13 +5,12 @@ import json
 import datasets
 import pandas as pd
 import pytest
-import torch
 
 from lightning_irl.data import DataError, DemonstrationDataModule
 from lightning_irl.data.collate import DemonstrationCollator
 from lightning_irl.data.encode import encode_records
 from lightning_irl.data.records import load_records, validate_records
-from lightning_irl.models.tokenizers import word_level_tokenizer
+from lightning_irl.tokenizers import word_level_tokenizer
 
 FIELDS = dict(prompt_field="prompt", response_field="response", messages_field="messages")
 ROWS = [{"prompt": "a b =", "response": "b a"}, {"prompt": "c a b =", "response": "c a b"}]

@@ -10,6 +10,7 @@ from lightning_irl.objectives.divergences import (
     DIVERGENCES,
     Divergence,
     bce_discriminator_loss,
+    bce_sum,
     discriminator_accuracy,
     divergence_reward,
     r1_penalty,
@@ -257,6 +258,7 @@ def test_bce_loss_matches_hand_written():
     expert, policy = torch.randn(5, generator=g, dtype=DTYPE), torch.randn(3, generator=g, dtype=DTYPE)
     by_hand = -(torch.sigmoid(expert).log().mean() + (1 - torch.sigmoid(policy)).log().mean())
     torch.testing.assert_close(bce_discriminator_loss(expert, policy), by_hand)
+    torch.testing.assert_close(bce_sum(policy, 0.0), -(1 - torch.sigmoid(policy)).log().sum())
     eps = 0.1
     smoothed = -(
         ((1 - eps) * torch.sigmoid(expert).log() + eps * (1 - torch.sigmoid(expert)).log()).mean()

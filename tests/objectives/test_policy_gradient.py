@@ -8,7 +8,9 @@ import torch
 
 from lightning_irl.objectives.policy_gradient import (
     policy_gradient_loss,
+    positionwise_rloo,
     ppo_clip_loss,
+    reward_to_go,
     rloo_advantages,
     shape_rewards,
     whiten,
@@ -226,3 +228,21 @@ def test_whiten_uses_valid_entries_only():
     torch.testing.assert_close(kept_mean[mask.bool()].mean(), valid.mean())
     full = whiten(valid)
     assert full.mean().abs() < 1e-12 and (full.pow(2).mean() - 1).abs() < 1e-6
+
+
+def test_reward_to_go_and_positionwise_rloo_match_loops():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(6, 5, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1],
+                         [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    returns = reward_to_go(rewards, mask)
+    for b in range(6):
+        for t in range(5):
+            expected = sum(rewards[b, s] for s in range(t, 5) if mask[b, s]) if mask[b, t] else 0.0
+            assert abs(float(returns[b, t]) - float(expected)) < 1e-5
+    adv = positionwise_rloo(returns, 3)
+    for b in range(6):
+        group = range(b // 3 * 3, b // 3 * 3 + 3)
+        for t in range(5):
+            others = [float(returns[j, t]) for j in group if j != b]
+            assert abs(float(adv[b, t]) - (float(returns[b, t]) - sum(others) / 2)) < 1e-5

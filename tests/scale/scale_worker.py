@@ -90,13 +90,14 @@ def main(argv=None) -> None:
         module = SFT(policy=spec, **common)
         key = "train/loss"
     else:
-        from lightning_irl.algorithms.adversarial import Adversarial
+        from lightning_irl.algorithms.adversarial import Adversarial, DiscriminatorTraining
 
-        form = dict(discriminator=ModelSpec(config=dict(TINY_LLAMA), tokenizer="task:modes", seed=1))
+        network = ModelSpec(config=dict(TINY_LLAMA), tokenizer="task:modes", seed=1)
+        disc = DiscriminatorTraining(r1_gamma=args.r1_gamma)
         if args.disc_form == "log_ratio":
-            form = dict(discriminator=None, discriminator_form="log_ratio", disc_warmup_steps=1, disc_mle_weight=1.0)
-        module = Adversarial(policy=spec, num_samples=2, r1_gamma=args.r1_gamma,
-                             sampling=SamplingConfig(max_new_tokens=6), **form, **common)
+            network, disc = None, DiscriminatorTraining(form="log_ratio", warmup_steps=1, mle_weight=1.0)
+        module = Adversarial(policy=spec, discriminator=network, discriminator_training=disc,
+                             sampling=SamplingConfig(max_new_tokens=6, num_samples=2), **common)
         key = "disc/loss"
     data = DemonstrationDataModule(task="modes", num_train=args.steps * args.batch_size * args.devices, num_val=0,
                                    batch_size=args.batch_size, max_length=32, shuffle=False)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lightning_irl.algorithms.export import write_hf_folder
 from lightning_irl.algorithms import SFT, OptimizerSpec
 from lightning_irl.algorithms.base import build_optimizer
 from lightning_irl.models.lora import is_peft_model, merge_lora_state_dict
@@ -90,7 +91,7 @@ def test_merged_export_is_a_plain_hf_folder_with_the_adapted_logits(tmp_path, mo
     module.configure_model()
     perturb_adapters(module.policy)
     module.policy.eval()
-    module.export_model(module.policy, str(tmp_path / "export"))  # the export fit ends with
+    write_hf_folder(module.policy, module.tokenizer, str(tmp_path / "export"))  # the export fit ends with
     assert not (tmp_path / "export" / "adapter_config.json").exists()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     assert not is_peft_model(plain)
@@ -113,10 +114,11 @@ def test_lora_discriminator_trains_adapters_and_its_score_head():
 
 
 def test_lora_log_ratio_discriminator_gets_its_own_adapter_on_a_frozen_base():
-    from lightning_irl.algorithms import Adversarial
+    from lightning_irl.algorithms.adversarial import Adversarial, DiscriminatorTraining
     from lightning_irl.metrics.evaluation import EvalConfig
 
-    module = Adversarial(policy=lora_spec(), discriminator_form="log_ratio", export=False,
+    module = Adversarial(policy=lora_spec(), discriminator_training=DiscriminatorTraining(form="log_ratio"),
+                         export=False,
                          evaluation=EvalConfig(enabled=False))
     module.configure_model()
     q = module.discriminator.q

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from transformers import PreTrainedTokenizerFast
 
+from lightning_irl.tokenizers import word_level_tokenizer
+
 
 def normalize(text: str) -> str:
     """Canonical form of a response: single spaces, no leading/trailing white space."""
@@ -97,8 +99,6 @@ class KnownExpertTask(abc.ABC):
 
     def build_tokenizer(self) -> PreTrainedTokenizerFast:
         """A word-level tokenizer over the task's symbols, built offline with ``tokenizers``."""
-        from lightning_irl.models.tokenizers import word_level_tokenizer
-
         return word_level_tokenizer(self.vocabulary())
 
 

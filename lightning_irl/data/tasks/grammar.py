@@ -30,9 +30,11 @@ import re
 from functools import lru_cache
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lightning_irl.data.tasks.base import KnownExpertTask, check_int, check_weights, normalize
+from lightning_irl.tokenizers import EOS, PAD, UNK
 
 CITY_WEATHER = {
     "Paris": "rain", "London": "rain", "Rome": "sun", "Cairo": "sun",
@@ -242,10 +244,6 @@ def bpe_tokenizer(lines: Sequence[str], vocab_size: int) -> PreTrainedTokenizerF
     is off so that ``"Paris ."`` decodes to ``"Paris ."``. Training is deterministic for a given
     list of lines.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from lightning_irl.models.tokenizers import EOS, PAD, UNK
-
     backend = Tokenizer(models.BPE(unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()

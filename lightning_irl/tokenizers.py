@@ -1,4 +1,8 @@
-"""Tokenizers built offline with the ``tokenizers`` library, for built-in tasks and tests."""
+"""Tokenizers built offline with the ``tokenizers`` library, for built-in tasks and tests.
+
+A bottom-layer module (it imports nothing from the package): the built-in tasks in ``data`` build
+their tokenizers from it and ``models.spec`` pads with it, so ``data`` never imports ``models``.
+"""
 
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from lightning_irl.data.encode import encode_record, encode_records, EncodeStats
+from lightning_irl.data.collate import pad_sequences
+from lightning_irl.data.encode import EncodeStats, encode_record, encode_records
 from lightning_irl.data.records import DataError, load_records, validate_records
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.rollout import SamplingConfig, sample
@@ -113,30 +114,6 @@ class SideBatch:
 
 
 # ---- helpers -------------------------------------------------------------------------------
-def right_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> Dict[str, torch.Tensor]:
-    width = max(max((len(r) for r in rows), default=1), 1)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def row_chunks(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               size: Optional[int]) -> Iterator[Dict[str, torch.Tensor]]:
-    """Row slices of at most ``size`` rows, each cut after its last attended column (right for
-    either padding side: a rollout's prompt is left-padded, its response right-padded)."""
-    rows = input_ids.size(0)
-    step = size or max(rows, 1)
-    for start in range(0, rows, step):
-        ids, mask = input_ids[start : start + step], attention_mask[start : start + step]
-        columns = mask.bool().any(0).nonzero()
-        width = int(columns[-1]) + 1 if columns.numel() else 1
-        yield {"input_ids": ids[:, :width], "attention_mask": mask[:, :width]}
-
-
 def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
                  finished: Optional[Sequence[bool]] = None, max_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """(prompt, response) texts → right-padded ids encoded as demonstrations are (prompt tokens,
@@ -155,7 +132,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
         if finished is not None and not finished[i] and ids and ids[-1] == tokenizer.eos_token_id:
             ids = ids[:-1]
         rows.append(ids)
-    return right_pad(rows, tokenizer.pad_token_id)
+    return pad_sequences(rows, tokenizer.pad_token_id)
 
 
 def same_vocabulary(a, b) -> bool:
@@ -165,14 +142,7 @@ def same_vocabulary(a, b) -> bool:
 def left_pad_prompts(tokenizer, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
     rows = [encode_record({"prompt": p, "where": f"prompt {i}"}, tokenizer, None, None, "truncate",
                           EncodeStats())["input_ids"] for i, p in enumerate(prompts)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return pad_sequences(rows, tokenizer.pad_token_id, left=True)
 
 
 # ---- runtime sides -------------------------------------------------------------------------
@@ -270,7 +240,7 @@ class FileSide(Side):
         return examples
 
     def _collate(self, examples, device) -> SideBatch:
-        padded = right_pad([e["input_ids"] for e in examples], self.tokenizer.pad_token_id)
+        padded = pad_sequences([e["input_ids"] for e in examples], self.tokenizer.pad_token_id)
         return SideBatch(padded["input_ids"].to(device), padded["attention_mask"].to(device),
                          [e["prompt"] for e in examples], [e["response"] for e in examples])
 
