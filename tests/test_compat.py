@@ -96,6 +96,14 @@ def test_require_supported_strategy_without_and_with_a_trainer():
         require_supported_strategy(module)
     module.trainer = SimpleNamespace(strategy=FSDP2Strategy())
     require_supported_strategy(module)
+    # FSDP1: fine for a module that does not say otherwise, refused for one that does
+    from lightning.pytorch.strategies import FSDPStrategy as LightningFSDP
+
+    module.trainer = SimpleNamespace(strategy=LightningFSDP())
+    require_supported_strategy(module)
+    module.supports_fsdp1 = False
+    with pytest.raises(ValueError, match="FSDP2Strategy"):
+        require_supported_strategy(module)
 
 
 # ---- RunCheckpoint: the final last.ckpt through public API -------------------------------------

@@ -322,6 +322,7 @@ class Adversarial(PolicyModule):
         self.fidelity: Optional[DiscriminatorFidelity] = None  # built at the first evaluation on a known task
 
     # ---- building ----------------------------------------------------------------------
+    supports_fsdp1 = False  # measured on one GPU: stalls under FSDP1 (see strategies.py); FSDP2 is tested
     needs_reference = True  # the base builds the frozen initial policy (or LoRA's adapter-off view)
 
     def configure_model(self) -> None:

@@ -166,6 +166,11 @@ class IRLModule(L.LightningModule):
         """Clip (``max_grad_norm``), step and zero ``optimizer``; see ``Engine.step``."""
         self.engine.step(optimizer, scheduler, self.max_grad_norm, counted)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradient clipping (``max_grad_norm``) happens here, after 16-mixed has unscaled the
+        gradients: see ``Engine.step``."""
+        self.engine.clip_before_step(optimizer)
+
     def count_tokens(self, batch: Dict[str, Any]) -> None:
         """Non-pad tokens processed, for ``perf/tokens_per_sec``."""
         now = time.perf_counter()

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 import torch.nn.functional as F
 
 #: The aligned per-token row tensors of a batch of sequences (demonstrations or rollouts).
@@ -132,6 +133,7 @@ class Engine:
 
     def __init__(self, module: L.LightningModule) -> None:
         self.module = module
+        self.pending_clip: Optional[float] = None  # set by step, used by clip_before_step
 
     # ---- ranks -------------------------------------------------------------------------
     @property
@@ -205,21 +207,59 @@ class Engine:
     def step(self, optimizer, scheduler=None, max_grad_norm: Optional[float] = None, counted: bool = True) -> None:
         """Clip, step and zero one optimizer (a ``LightningOptimizer`` from ``self.optimizers()``),
         then step its scheduler if given. ``counted=False``: the step does not advance
-        ``trainer.global_step`` (see the module docstring)."""
+        ``trainer.global_step`` (see the module docstring).
+
+        Clipping happens in the module's ``on_before_optimizer_step`` hook (``clip_before_step``),
+        which the precision plugin calls after it has unscaled the gradients (16-mixed's
+        GradScaler) and before the update. Clipping before ``optimizer.step()``, the usual
+        manual-optimisation recipe, clips the *scaled* gradients under 16-mixed: every update
+        shrinks to about ``max_grad_norm / scale``."""
         module = self.module
-        if max_grad_norm is not None:
-            module.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+        self.pending_clip = max_grad_norm
         if counted:
             optimizer.step()
         else:
             module.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure, model=module)
+        if self.pending_clip is not None:
+            raise RuntimeError(f"{type(module).__name__}.on_before_optimizer_step must call "
+                               "self.engine.clip_before_step(optimizer): the gradients were not clipped")
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
+
+    def clip_before_step(self, optimizer) -> None:
+        """Clip the gradients of ``optimizer``'s parameters to the norm ``step`` was given; call it
+        from ``on_before_optimizer_step`` (``IRLModule`` does)."""
+        max_norm, self.pending_clip = self.pending_clip, None
+        if max_norm is None:
+            return
+        module = self.module
+        if isinstance(module.trainer.strategy, FSDPStrategy):
+            # FSDP1's precision plugin refuses norm clipping; its root-level clip_grad_norm_ would
+            # clip every model together. The optimizer's own parameters hold gradient shards here.
+            clip_sharded_grad_norm(optimizer, max_norm, module.trainer.strategy)
+        else:
+            module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+
+def clip_sharded_grad_norm(optimizer, max_norm: float, strategy) -> torch.Tensor:
+    """Scale the gradients of ``optimizer``'s parameters so that their global norm is at most
+    ``max_norm``, when each rank holds a shard of every gradient (FSDP1 with ``use_orig_params``);
+    gradients replicated on every rank (``NO_SHARD``) are not summed over ranks. Returns the norm."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    device = grads[0].device if grads else strategy.root_device
+    local = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else \
+        torch.zeros((), device=device)
+    sharded = str(getattr(strategy, "sharding_strategy", "")).split(".")[-1] in ("FULL_SHARD", "SHARD_GRAD_OP")
+    total = (strategy.reduce(local, reduce_op="sum") if sharded and strategy.world_size > 1 else local).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+    return total
 
 
 def _no_closure() -> None:
     return None
 
 
-__all__ = ["Engine", "ROW_KEYS", "attached_trainer", "map_micro_batches", "micro_batches", "response_tokens", "rollout_rows", "sequence_rows", "sequences", "world_size"]
+__all__ = ["Engine", "ROW_KEYS", "attached_trainer", "clip_sharded_grad_norm", "map_micro_batches", "micro_batches", "response_tokens", "rollout_rows", "sequence_rows", "sequences", "world_size"]

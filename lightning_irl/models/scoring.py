@@ -64,7 +64,7 @@ def prefix_logits(
     captured = []
     handle = head.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        classifier(
+        output = classifier(
             input_ids=None if inputs_embeds is not None else input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -78,7 +78,10 @@ def prefix_logits(
     logits = captured[-1]
     if logits.dim() != 3 or logits.size(-1) != 1:
         raise ValueError(f"the discriminator needs num_labels=1 (one logit); its head gives {tuple(logits.shape)}")
-    return logits[..., 0].float()
+    # Sharded training (FSDP) gathers a unit's weights for backward from hooks on the unit's
+    # *outputs*; the head's output captured here is not one. A zero-weight term on the model's
+    # own output puts that hook on the gradient's path, before the head's backward needs them.
+    return logits[..., 0].float() + 0.0 * output.logits.float().sum()
 
 
 def sequence_logits(

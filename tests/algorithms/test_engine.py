@@ -6,7 +6,14 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_irl.algorithms.engine import Engine, map_micro_batches, micro_batches, response_tokens, sequences
+from lightning_irl.algorithms.engine import (
+    Engine,
+    clip_sharded_grad_norm,
+    map_micro_batches,
+    micro_batches,
+    response_tokens,
+    sequences,
+)
 
 
 def test_micro_batches_keep_left_padded_rollouts_whole():
@@ -94,6 +101,9 @@ class _ThreeStepsPerBatch(L.LightningModule):
             self.manual_backward(self.layer(batch[0]).pow(2).mean())
             self.engine.step(optimizer, max_grad_norm=1.0, counted=inner == 2)
 
+    def on_before_optimizer_step(self, optimizer):
+        self.engine.clip_before_step(optimizer)
+
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
         optimizer.register_step_post_hook(lambda *args: setattr(self, "optimizer_steps", self.optimizer_steps + 1))
@@ -123,3 +133,77 @@ def test_map_micro_batches_pads_each_output_back_to_the_full_width():
     assert torch.equal(shifted, expected)  # the last row's slice is 4 wide, padded back to 6 - 1
     per_row = map_micro_batches(rows, lambda m: m["attention_mask"].sum(-1), 2)
     assert per_row.tolist() == [3, 5, 2]
+
+
+class _OneParameter(L.LightningModule):
+    """loss = w · (30, 40): the gradient is (30, 40), norm 50, at every step."""
+
+    def __init__(self, counted):
+        super().__init__()
+        self.automatic_optimization = False
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+        self.engine = Engine(self)
+        self.counted = counted
+
+    def training_step(self, batch, batch_idx):
+        self.manual_backward((self.weight * torch.tensor([30.0, 40.0])).sum())
+        self.engine.step(self.optimizers(), max_grad_norm=1.0, counted=self.counted)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.engine.clip_before_step(optimizer)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1)), batch_size=1)
+
+
+@pytest.mark.parametrize("counted", [True, False])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_clipping_acts_on_unscaled_gradients(scaled, counted, tmp_path):
+    """One SGD step of lr 1 with the gradient (30, 40) clipped to norm 1 moves w by exactly
+    −(0.6, 0.8), also under a GradScaler (16-mixed), which scales the backward by 65536 and
+    unscales before on_before_optimizer_step. Clipping before optimizer.step() instead moves w
+    by (0.6, 0.8) / 65536 there."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = _OneParameter(counted)
+    plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))] if scaled else None
+    trainer = L.Trainer(max_steps=1 if counted else -1, max_epochs=1, limit_train_batches=1, plugins=plugins,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module)
+    torch.testing.assert_close(module.weight.detach(), torch.tensor([-0.6, -0.8]), rtol=0, atol=1e-6)
+
+
+def test_a_module_without_the_clip_hook_is_told_so(tmp_path):
+    module = _OneParameter(True)
+    module.on_before_optimizer_step = lambda optimizer: None
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="clip_before_step"):
+        trainer.fit(module)
+
+
+def test_sharded_clip_sums_the_shards_of_every_rank():
+    """Two ranks each holding half of the gradient (3, 4, 12): the global norm is 13 whichever
+    rank computes it; replicated gradients (NO_SHARD) are not summed twice."""
+    class Strategy:
+        world_size, root_device = 2, torch.device("cpu")
+
+        def __init__(self, sharding, other):
+            self.sharding_strategy, self.other = sharding, other
+
+        def reduce(self, value, reduce_op):
+            return value + self.other
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.tensor([3.0, 4.0])
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    total = clip_sharded_grad_norm(optimizer, 1.0, Strategy("ShardingStrategy.FULL_SHARD", torch.tensor(144.0)))
+    assert float(total) == pytest.approx(13.0)
+    torch.testing.assert_close(param.grad, torch.tensor([3.0, 4.0]) / 13, rtol=1e-5, atol=0)
+    param.grad = torch.tensor([3.0, 4.0])
+    total = clip_sharded_grad_norm(optimizer, 1.0, Strategy("ShardingStrategy.NO_SHARD", torch.tensor(144.0)))
+    assert float(total) == pytest.approx(5.0)
