@@ -566,10 +566,15 @@ class Adversarial(PolicyModule):
         with torch.no_grad():
             ref_logps = self._reference_logprobs(rows)
 
-        # 3. rewards and 4. advantages
+        # 3. rewards and 4. advantages (checked by the engine's non-finite guard at the next step)
         scores = self.score_rollout(rows)
         kl_tokens = kl_penalty(old_logps, ref_logps, self.update.kl_estimator) * mask.to(old_logps.dtype)
+        self.engine.check_finite("reward", scores.sequence_reward)
+        if scores.token_rewards is not None:
+            self.engine.check_finite("reward", scores.token_rewards)
+        self.engine.check_finite("KL", kl_tokens)
         advantages = self.advantages(scores, kl_tokens, mask)
+        self.engine.check_finite("advantage", advantages)
 
         # 5. policy
         policy_rows = {**rows, "old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages}

@@ -21,8 +21,12 @@ import lightning as L
 import torch
 from transformers import get_scheduler
 
-from lightning_irl.algorithms.engine import Engine, attached_trainer
+from lightning_irl.algorithms.engine import Engine, OnNonFinite, attached_trainer
 from lightning_irl.algorithms.export import Export, default_export_dir, export_all
+
+
+#: The checkpoint entry that holds ``Engine.nonfinite_skipped``.
+NONFINITE_SKIPPED_KEY = "lightning_irl_nonfinite_skipped"
 
 
 @dataclass
@@ -120,6 +124,13 @@ class IRLModule(L.LightningModule):
             format (safetensors) when it ends. Default: ``export`` inside the run's checkpoint
             folder.
         export: Turn the export off with False.
+        on_nonfinite: What a NaN or infinite loss term, reward, advantage, KL or gradient norm
+            does (``algorithms/engine.py``): ``stop`` raises ``NonFiniteError`` at that step,
+            before the optimizer applies the update (one line: the step, the component, the last
+            good checkpoint); ``skip`` skips that optimizer step (the weights are left as they
+            are), logs ``train/nonfinite_skipped`` and goes on.
+        max_nonfinite_skips: With ``skip``, the run still stops (``NonFiniteError``) once more
+            than this many optimizer steps were skipped.
     """
 
     def __init__(
@@ -130,8 +141,17 @@ class IRLModule(L.LightningModule):
         max_grad_norm: Optional[float] = 1.0,
         export_dir: Optional[str] = None,
         export: bool = True,
+        on_nonfinite: OnNonFinite = "stop",
+        max_nonfinite_skips: int = 10,
     ) -> None:
         super().__init__()
+        check_choices(IRLModule.__init__, on_nonfinite=on_nonfinite)
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 (or null: the whole batch), got {micro_batch_size}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or null: no clipping), got {max_grad_norm}")
+        if max_nonfinite_skips < 0:
+            raise ValueError(f"max_nonfinite_skips must be >= 0, got {max_nonfinite_skips}")
         self.automatic_optimization = False
         self.tokenizer = tokenizer
         self.optimizer_spec = optimizer
@@ -139,6 +159,8 @@ class IRLModule(L.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.export_dir = export_dir
         self.export = export
+        self.on_nonfinite = on_nonfinite
+        self.max_nonfinite_skips = max_nonfinite_skips
         self.engine = Engine(self)
         self._tokens_seen = 0
         self._clock: Optional[float] = None
@@ -171,6 +193,16 @@ class IRLModule(L.LightningModule):
         gradients: see ``Engine.step``."""
         self.engine.clip_before_step(optimizer)
 
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """No checkpoint with non-finite weights is written (``Engine.check_weights`` raises
+        ``NonFiniteError`` first); checkpoints carry the count of skipped non-finite steps
+        (``on_nonfinite: skip``)."""
+        self.engine.check_weights()
+        checkpoint[NONFINITE_SKIPPED_KEY] = self.engine.nonfinite_skipped
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self.engine.nonfinite_skipped = int(checkpoint.get(NONFINITE_SKIPPED_KEY, 0))
+
     def count_tokens(self, batch: Dict[str, Any]) -> None:
         """Non-pad tokens processed, for ``perf/tokens_per_sec``."""
         now = time.perf_counter()
@@ -198,4 +230,5 @@ class IRLModule(L.LightningModule):
             export_all(self.trainer, self.tokenizer, path, self.exports())
 
 
-__all__ = ["IRLModule", "OptimizerSpec", "build_optimizer", "check_choices", "check_fields", "freeze", "literal_choices"]
+__all__ = ["IRLModule", "NONFINITE_SKIPPED_KEY", "OptimizerSpec", "build_optimizer", "check_choices", "check_fields",
+           "freeze", "literal_choices"]

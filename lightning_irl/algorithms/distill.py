@@ -134,7 +134,8 @@ class Distill(PolicyModule):
         self.count_tokens(batch)
         on_policy = self.use_on_policy(self.trainer.global_step)
         rows = rollout_rows(self.rollout(batch, compute_logprobs=False)) if on_policy else sequence_rows(batch)
-        loss = self.engine.backward(rows, self._jsd_sum, response_tokens, self.micro_batch_size)["loss"]
+        loss = self.engine.backward(rows, self._jsd_sum, response_tokens, self.micro_batch_size,
+                                    names={"loss": "distillation loss"})["loss"]
         self.step(optimizer, scheduler)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
         self.log("distill/on_policy", float(on_policy))

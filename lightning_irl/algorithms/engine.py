@@ -18,11 +18,27 @@ sequences, pairs, ...) and hands them to ``Engine.backward``. The engine
 optimisation): inner steps such as discriminator or PPO-minibatch updates go through the
 strategy's public ``optimizer_step`` — the same precision-plugin and strategy work, uncounted —
 so ``trainer.max_steps`` counts training batches whatever the inner loops do.
+
+The non-finite guard: every loss term ``backward`` computes, every tensor a method hands to
+``check_finite`` (rewards, advantages, KL, ...) and the gradient norm of the stepped optimizer's
+parameters are checked at each optimizer step, in ``on_before_optimizer_step`` — after 16-mixed
+has unscaled the gradients, before the update. The flags are kept on the device (no host sync)
+until then and reduced over ranks (max), so every rank takes the same decision. The module's
+``on_nonfinite`` says what happens: ``stop`` raises ``NonFiniteError`` (one line: the step,
+the component, the last good checkpoint) before the update, so the weights and optimizer states
+stay as they were; ``skip`` drops the gradients, so the optimizer leaves every parameter as it is
+(no update, no weight decay, no moment update), counts the skip (``train/nonfinite_skipped``)
+and stops like ``stop`` once more than ``max_nonfinite_skips`` steps were skipped. Under a
+GradScaler (16-mixed) infinite gradients are the scaler's business (it skips such steps and
+lowers its scale): only the loss terms and the checked tensors are guarded there.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
+import logging
+import os
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Tuple, Union
 
 import lightning as L
 import torch
@@ -34,6 +50,53 @@ ROW_KEYS = ("input_ids", "attention_mask", "loss_mask", "position_ids")
 
 Units = Callable[[Mapping[str, torch.Tensor]], Union[torch.Tensor, int, float]]
 Sums = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+
+OnNonFinite = Literal["stop", "skip"]
+
+#: How a loss term of ``Engine.backward`` is named in a ``NonFiniteError`` (``backward``'s
+#: ``names`` overrides it; a term named ``loss`` reads "<module class> loss", others "<name> term").
+TERM_NAMES = {"nll": "NLL", "kl": "KL term", "policy": "policy loss", "bce": "discriminator loss",
+              "mle": "discriminator MLE term", "r1": "R1 penalty", "spin": "SPIN loss"}
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term, a checked tensor (reward, advantage, KL) or a gradient norm was NaN or
+    infinite: the run stopped before the optimizer applied that step's update (see the module
+    docstring). The message is one line naming the step (``trainer.global_step``), the component
+    and the last good checkpoint; ``step`` and ``component`` hold the first two."""
+
+    def __init__(self, message: str, step: Optional[int] = None, component: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.step, self.component = step, component
+
+    def __reduce__(self):  # keeps step and component through pickling (spawned ranks)
+        return type(self), (str(self), self.step, self.component)
+
+
+def nonfinite_code(value: torch.Tensor) -> torch.Tensor:
+    """0 when every element of ``value`` is finite, 1 when one is infinite, 2 when one is NaN, as
+    a 0-d float tensor on ``value``'s device, without a host sync."""
+    value = value.detach()
+    if hasattr(value, "to_local"):  # a DTensor: this rank's shard (the ranks' flags are reduced)
+        value = value.to_local()
+    if not value.is_floating_point():
+        return torch.zeros((), device=value.device)
+    return torch.maximum(torch.isnan(value).any().float() * 2, torch.isinf(value).any().float())
+
+
+def last_checkpoint(trainer) -> Optional[str]:
+    """The newest checkpoint the run's checkpoint callbacks wrote (``last_model_path``, else
+    ``best_model_path``; a local path only if the file is there), or None."""
+    callbacks = getattr(trainer, "checkpoint_callbacks", None) or []
+    for attribute in ("last_model_path", "best_model_path"):
+        for callback in callbacks:
+            path = str(getattr(callback, attribute, "") or "")
+            remote = "://" in path and not path.startswith("file://")
+            if path and (remote or os.path.exists(path.removeprefix("file://"))):
+                return path
+    return None
 
 
 def response_tokens(rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -131,9 +194,18 @@ class Engine:
     """Globally-normalised backward and optimizer steps for a LightningModule in manual
     optimisation (see the module docstring). One per module: ``self.engine = Engine(self)``."""
 
+    #: What a module without ``on_nonfinite`` / ``max_nonfinite_skips`` attributes gets.
+    DEFAULT_ON_NONFINITE: OnNonFinite = "stop"
+    DEFAULT_MAX_NONFINITE_SKIPS = 10
+
     def __init__(self, module: L.LightningModule) -> None:
         self.module = module
         self.pending_clip: Optional[float] = None  # set by step, used by clip_before_step
+        self.pending_check = False  # set by step, cleared by clip_before_step
+        #: Optimizer steps ``on_nonfinite: skip`` skipped (cumulative; checkpoints carry it).
+        self.nonfinite_skipped = 0
+        self._flags: Dict[str, torch.Tensor] = {}  # component -> nonfinite_code, since the last step
+        self._model_names: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
     # ---- ranks -------------------------------------------------------------------------
     @property
@@ -151,6 +223,134 @@ class Engine:
         """Units of ``rows`` over every rank, at least 1 (a normaliser)."""
         return self.global_sum(units(rows)).clamp(min=1)
 
+    # ---- the non-finite guard -------------------------------------------------------------
+    def check_finite(self, name: str, value: torch.Tensor) -> None:
+        """Flag ``value`` (a reward, advantage, KL, ...; any shape) for the next optimizer step's
+        non-finite check, as the component ``name`` ("reward", "KL", ...). No host sync: the
+        decision is taken at the step, the same on every rank (module docstring)."""
+        code = nonfinite_code(value)
+        previous = self._flags.get(name)
+        self._flags[name] = code if previous is None else torch.maximum(previous, code.to(previous.device))
+
+    def term_name(self, name: str) -> str:
+        """How the loss term ``name`` reads in a ``NonFiniteError`` (``TERM_NAMES``)."""
+        if name in TERM_NAMES:
+            return TERM_NAMES[name]
+        return f"{type(self.module).__name__} loss" if name == "loss" else f"{name} term"
+
+    def model_name(self, optimizer) -> str:
+        """The module's children whose parameters ``optimizer`` trains ("policy", "discriminator",
+        "reward model"), or "model"."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer
+        try:
+            return self._model_names[optimizer]
+        except (KeyError, TypeError):
+            pass
+        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = [name.replace("_", " ") for name, child in self.module.named_children()
+                 if any(id(p) in params for p in child.parameters())]
+        name = " and ".join(names) or "model"
+        try:
+            self._model_names[optimizer] = name
+        except TypeError:
+            pass
+        return name
+
+    @property
+    def on_nonfinite(self) -> str:
+        return getattr(self.module, "on_nonfinite", self.DEFAULT_ON_NONFINITE)
+
+    @property
+    def max_nonfinite_skips(self) -> int:
+        return getattr(self.module, "max_nonfinite_skips", self.DEFAULT_MAX_NONFINITE_SKIPS)
+
+    def _guard(self, optimizer) -> bool:
+        """The non-finite check of one optimizer step (module docstring). Returns True when the
+        step is to be skipped (its gradients are dropped); raises ``NonFiniteError`` to stop."""
+        flags, self._flags = self._flags, {}
+        trainer = attached_trainer(self.module)
+        names: List[str] = list(flags)
+        codes = list(flags.values())
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            norm = grad_norm(optimizer)
+            if norm is not None:
+                names.append(f"gradient norm of the {self.model_name(optimizer)}")
+                codes.append(nonfinite_code(norm))
+        if not codes:
+            return False
+        device = self.module.device
+        found = self._first_nonfinite(torch.stack([code.to(device) for code in codes]), names, trainer)
+        if found is None:
+            if self.on_nonfinite == "skip":
+                self._log_skipped()
+            return False
+        component, kind = found
+        step = trainer.global_step if trainer is not None else 0
+        where = _where(trainer)
+        if self.on_nonfinite == "skip":
+            self.nonfinite_skipped += 1
+            if self.nonfinite_skipped <= self.max_nonfinite_skips:
+                for group in optimizer.param_groups:
+                    for param in group["params"]:
+                        param.grad = None  # the optimizer leaves parameters without a gradient as they are
+                if trainer is None or trainer.is_global_zero:
+                    log.warning("non-finite %s (%s) at step %d: skipped this optimizer step of the %s "
+                                "(%d skipped, at most %d)", component, kind, step, self.model_name(optimizer),
+                                self.nonfinite_skipped, self.max_nonfinite_skips)
+                self._log_skipped()
+                return True
+            raise NonFiniteError(f"non-finite {component} ({kind}) at step {step}: {self.nonfinite_skipped} "
+                                 f"optimizer steps skipped, more than max_nonfinite_skips={self.max_nonfinite_skips}; "
+                                 f"stopped before the update; {where}", step, component)
+        raise NonFiniteError(f"non-finite {component} ({kind}) at step {step}: stopped before the update; {where}",
+                             step, component)
+
+    def check_weights(self) -> None:
+        """Raise ``NonFiniteError`` when a parameter of the module is NaN or infinite on any rank
+        (collective: call it on every rank). ``IRLModule`` calls it from ``on_save_checkpoint``,
+        before the checkpoint is written, so no checkpoint ever holds non-finite weights, whatever
+        made them so (the guard keeps the updates finite; a resumed or injected NaN is not)."""
+        module = self.module
+        trainer = attached_trainer(module)
+        device = module.device
+        names: List[str] = []
+        codes: List[torch.Tensor] = []
+        groups = [(name.replace("_", " "), list(child.parameters())) for name, child in module.named_children()]
+        groups.append(("model", list(module.parameters(recurse=False))))
+        for name, params in groups:
+            if params:
+                names.append(f"weights of the {name}")
+                codes.append(torch.stack([nonfinite_code(p).to(device) for p in params]).max())
+        if not codes:
+            return
+        found = self._first_nonfinite(torch.stack(codes), names, trainer)
+        if found is not None:
+            component, kind = found
+            step = trainer.global_step if trainer is not None else 0
+            raise NonFiniteError(f"non-finite {component} ({kind}) at step {step}: not writing this checkpoint; "
+                                 f"{_where(trainer)}", step, component)
+
+    def _first_nonfinite(self, codes: torch.Tensor, names: List[str], trainer) -> Optional[Tuple[str, str]]:
+        """(component, "NaN"/"inf") of the first non-finite entry of ``codes`` (in the order the
+        components were recorded), or None: the same answer on every rank, from one reduce (max)
+        of the codes and of the lowest rank that saw each. Every rank records the same components
+        in the same order (the same ``backward`` / ``check_finite`` calls, as every method makes)."""
+        world = self.world
+        if world == 1:
+            return _first(codes.tolist(), names)
+        marks = (codes > 0).float() * (world - trainer.global_rank)
+        merged = trainer.strategy.reduce(torch.cat([codes, marks]), reduce_op="max").tolist()
+        found = _first(merged[: len(names)], names)
+        if found is None:
+            return None
+        rank = world - int(merged[len(names) + names.index(found[0])])
+        return found[0], f"{found[1]} on rank {rank}"
+
+    def _log_skipped(self) -> None:
+        if attached_trainer(self.module) is not None:
+            self.module.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False)
+
     # ---- backward ----------------------------------------------------------------------
     def backward(
         self,
@@ -160,6 +360,7 @@ class Engine:
         micro_batch_size: Optional[int] = None,
         weights: Optional[Mapping[str, float]] = None,
         stat_units: Optional[str] = None,
+        names: Optional[Mapping[str, str]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Accumulate the gradient of a globally normalised loss over ``rows``.
 
@@ -173,6 +374,8 @@ class Engine:
             micro_batch_size: Rows per forward/backward (None = all rows at once).
             weights: Weight of each term in the backward (default 1).
             stat_units: The term whose global units normalise the statistics (default: the first).
+            names: How terms read in a ``NonFiniteError`` (default ``term_name``): every term's
+                sum is checked at the next optimizer step (module docstring).
 
         Returns:
             ``{name: this rank's share of the global mean}``, detached; for the terms the
@@ -184,6 +387,9 @@ class Engine:
         # all counts before any backward: one collective per term, the same on every rank
         counts = {name: self.global_units(rows, count) for name, count in named.items()}
         stat_count = counts[stat_units or next(iter(named))]
+        labels = {name: (names or {}).get(name) or self.term_name(name) for name in named}
+        for label in labels.values():  # every rank records the same components, micro-batches or not
+            self._flags.setdefault(label, torch.zeros((), device=self.module.device))
         shares: Dict[str, torch.Tensor] = {}
         for micro in micro_batches(rows, micro_batch_size):
             sums = loss(micro)
@@ -192,6 +398,7 @@ class Engine:
             total = None
             for name, value in sums.items():
                 if name in counts:
+                    self.check_finite(labels[name], value)
                     term = value * (world / counts[name])
                     weighted = term * weights.get(name, 1.0)
                     total = weighted if total is None else total + weighted
@@ -213,25 +420,29 @@ class Engine:
         which the precision plugin calls after it has unscaled the gradients (16-mixed's
         GradScaler) and before the update. Clipping before ``optimizer.step()``, the usual
         manual-optimisation recipe, clips the *scaled* gradients under 16-mixed: every update
-        shrinks to about ``max_grad_norm / scale``."""
+        shrinks to about ``max_grad_norm / scale``. The same hook runs the non-finite guard (module
+        docstring): it may skip the update or raise ``NonFiniteError`` before it."""
         module = self.module
-        self.pending_clip = max_grad_norm
+        self.pending_clip, self.pending_check = max_grad_norm, True
         if counted:
             optimizer.step()
         else:
             module.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure, model=module)
-        if self.pending_clip is not None:
+        if self.pending_check:
+            self.pending_clip, self.pending_check = None, False
             raise RuntimeError(f"{type(module).__name__}.on_before_optimizer_step must call "
-                               "self.engine.clip_before_step(optimizer): the gradients were not clipped")
+                               "self.engine.clip_before_step(optimizer): the gradients were not clipped "
+                               "nor checked for non-finite values")
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
 
     def clip_before_step(self, optimizer) -> None:
         """Clip the gradients of ``optimizer``'s parameters to the norm ``step`` was given; call it
-        from ``on_before_optimizer_step`` (``IRLModule`` does)."""
-        max_norm, self.pending_clip = self.pending_clip, None
-        if max_norm is None:
+        from ``on_before_optimizer_step`` (``IRLModule`` does). Runs the non-finite guard first
+        (module docstring): a skipped step is not clipped, a stopped one raises ``NonFiniteError``."""
+        max_norm, self.pending_clip, self.pending_check = self.pending_clip, None, False
+        if self._guard(optimizer) or max_norm is None:
             return
         module = self.module
         if isinstance(module.trainer.strategy, FSDPStrategy):
@@ -258,8 +469,42 @@ def clip_sharded_grad_norm(optimizer, max_norm: float, strategy) -> torch.Tensor
     return total
 
 
+def grad_norm(optimizer) -> Optional[torch.Tensor]:
+    """The 2-norm of ``optimizer``'s gradients on this rank (a sharded gradient's local shard), as
+    a 0-d float32 tensor, or None when no parameter has a gradient. NaN or inf when a gradient
+    is."""
+    grads = []
+    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                grad = param.grad.detach()
+                grads.append(grad.to_local() if hasattr(grad, "to_local") else grad)  # DTensor (FSDP2): the shard
+    if not grads:
+        return None
+    if hasattr(torch.nn.utils, "get_total_norm") and not any(g.dtype == torch.float16 for g in grads):
+        return torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False).float()  # foreach kernels
+    # float16 norms overflow at 65504: reduce those in float32 (bf16 has float32's range)
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype == torch.float16 else None).float()
+             for g in grads]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def _where(trainer) -> str:
+    checkpoint = last_checkpoint(trainer)
+    return f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint was written before it"
+
+
+def _first(codes: List[float], names: List[str]) -> Optional[Tuple[str, str]]:
+    for code, name in zip(codes, names):
+        if code > 0:
+            return name, "NaN" if code >= 2 else "inf"
+    return None
+
+
 def _no_closure() -> None:
     return None
 
 
-__all__ = ["Engine", "ROW_KEYS", "attached_trainer", "clip_sharded_grad_norm", "map_micro_batches", "micro_batches", "response_tokens", "rollout_rows", "sequence_rows", "sequences", "world_size"]
+__all__ = ["Engine", "NonFiniteError", "OnNonFinite", "ROW_KEYS", "TERM_NAMES", "attached_trainer",
+           "clip_sharded_grad_norm", "grad_norm", "last_checkpoint", "map_micro_batches", "micro_batches",
+           "nonfinite_code", "response_tokens", "rollout_rows", "sequence_rows", "sequences", "world_size"]

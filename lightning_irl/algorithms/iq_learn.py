@@ -78,13 +78,14 @@ class IQLearn(PolicyModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         self.count_tokens(batch)
         shares = self.engine.backward(sequence_rows(batch), self._demonstration_sums, response_tokens,
-                                      self.micro_batch_size)
+                                      self.micro_batch_size, names={"loss": "IQ-Learn loss"})
         total = shares["loss"]
         if self.policy_sample_weight > 0 and self.lam > 0:
             rollout = self.rollout(batch, compute_logprobs=False)
             penalty = self.engine.backward(rollout_rows(rollout), self._sample_penalty_sum, response_tokens,
                                            self.micro_batch_size,
-                                           weights={"loss": self.policy_sample_weight * self.lam})["loss"]
+                                           weights={"loss": self.policy_sample_weight * self.lam},
+                                           names={"loss": "IQ-Learn penalty on policy samples"})["loss"]
             penalty = penalty * self.policy_sample_weight * self.lam
             total = total + penalty
             self.log("train/penalty_policy", penalty, sync_dist=True, reduce_fx="sum")

@@ -10,7 +10,7 @@ import torch
 import torchmetrics
 
 from lightning_irl.algorithms.base import IRLModule, OptimizerSpec, build_optimizer, freeze
-from lightning_irl.algorithms.engine import response_tokens, sequence_rows
+from lightning_irl.algorithms.engine import OnNonFinite, response_tokens, sequence_rows
 from lightning_irl.algorithms.export import Export
 from lightning_irl.metrics.evaluation import EvalConfig, SampleEvaluator, take_prompts
 from lightning_irl.models.lora import is_peft_model, reference_context
@@ -36,6 +36,9 @@ class PolicyModule(IRLModule):
         evaluation: Sample-based metrics at validation, logged under ``eval/`` (forward / reverse
             KL, invalid mass, mode coverage against a built-in task's exact expert; entropy,
             distinct-n, self-BLEU, length for any data). See ``EvalConfig``.
+        on_nonfinite: ``stop`` or ``skip`` at a NaN / infinite loss, reward or gradient norm
+            (see ``IRLModule``).
+        max_nonfinite_skips: With ``skip``, stop once more steps than this were skipped.
     """
 
     #: A method whose loss needs the frozen initial policy (a KL anchor, AIRL's log π_ref) sets
@@ -53,9 +56,12 @@ class PolicyModule(IRLModule):
         export_dir: Optional[str] = None,
         export: bool = True,
         evaluation: EvalConfig = EvalConfig(),
+        on_nonfinite: OnNonFinite = "stop",
+        max_nonfinite_skips: int = 10,
     ) -> None:
         super().__init__(policy.load_tokenizer(), optimizer=optimizer, micro_batch_size=micro_batch_size,
-                         max_grad_norm=max_grad_norm, export_dir=export_dir, export=export)
+                         max_grad_norm=max_grad_norm, export_dir=export_dir, export=export,
+                         on_nonfinite=on_nonfinite, max_nonfinite_skips=max_nonfinite_skips)
         self.policy_spec = policy
         self.sampling = sampling
         self.policy: Optional[torch.nn.Module] = None

@@ -33,7 +33,7 @@ import torchmetrics
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from lightning_irl.algorithms.base import IRLModule, OptimizerSpec, build_optimizer, freeze
-from lightning_irl.algorithms.engine import map_micro_batches, sequences
+from lightning_irl.algorithms.engine import OnNonFinite, map_micro_batches, sequences
 from lightning_irl.algorithms.export import Export
 from lightning_irl.algorithms.policy import PolicyModule
 from lightning_irl.algorithms.reward_sources import (
@@ -111,6 +111,9 @@ class RewardModel(IRLModule):
         export_dir: Where the trained classifier and its tokenizer go (Hugging Face format,
             safetensors) when ``fit`` ends; default ``export`` in the run's checkpoint folder.
         export: Turn the export off with False.
+        on_nonfinite: ``stop`` or ``skip`` at a NaN / infinite loss or gradient norm (see
+            ``IRLModule``).
+        max_nonfinite_skips: With ``skip``, stop once more steps than this were skipped.
 
     Logs ``train/loss`` (the balanced BCE above), ``train/accuracy``, ``train/reward_margin``
     and, on held-out data (the validation split's prompts and demonstrations; a file source's
@@ -133,9 +136,12 @@ class RewardModel(IRLModule):
         sampling: SamplingConfig = SamplingConfig(),
         export_dir: Optional[str] = None,
         export: bool = True,
+        on_nonfinite: OnNonFinite = "stop",
+        max_nonfinite_skips: int = 10,
     ) -> None:
         super().__init__(classifier.load_tokenizer(), optimizer=optimizer, micro_batch_size=micro_batch_size,
-                         max_grad_norm=max_grad_norm, export_dir=export_dir, export=export)
+                         max_grad_norm=max_grad_norm, export_dir=export_dir, export=export,
+                         on_nonfinite=on_nonfinite, max_nonfinite_skips=max_nonfinite_skips)
         self.classifier_spec = classifier
         self.sampling = sampling
         self.preset = preset
@@ -239,7 +245,8 @@ class RewardModel(IRLModule):
             rows = {"input_ids": drawn[side].input_ids, "attention_mask": drawn[side].attention_mask}
             # each side a mean over its own rows, the two halves weighted ½: balanced classes
             loss = loss + 0.5 * self.engine.backward(rows, side_sum, sequences, self.micro_batch_size,
-                                                     weights={"loss": 0.5})["loss"]
+                                                     weights={"loss": 0.5},
+                                                     names={"loss": "reward model loss"})["loss"]
         self.step(optimizer, scheduler)
         pos, neg = torch.cat(scores["positive"]), torch.cat(scores["negative"])
         accuracy = torch.cat([(pos > 0).float(), (neg <= 0).float()]).mean()
