@@ -8,13 +8,23 @@ distribution that ``generate``'s scores describe.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from lightning_irl.objectives.logprobs import gather_token_logprobs, sequence_logprobs, token_logprobs
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
 
 
 @dataclass
@@ -37,6 +47,9 @@ class SamplingConfig:
             forward pass, exactly as training computes them; ``generate`` takes them from the raw
             (pre-temperature) logits ``generate`` already produced with its KV cache: no extra
             pass, equal up to float rounding of cached vs full attention.
+
+    Out-of-range values (``num_samples`` or ``max_new_tokens`` < 1, a negative temperature,
+    ``top_p`` outside (0, 1], a negative ``top_k``) raise ``ValueError`` at construction.
     """
 
     max_new_tokens: int = 32
@@ -50,6 +63,18 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.logprobs_from not in ("forward", "generate"):
             raise ValueError(f"logprobs_from must be 'forward' or 'generate', got {self.logprobs_from!r}")
+        checks = (
+            ("num_samples", self.num_samples, _is_int(self.num_samples) and self.num_samples >= 1, ">= 1"),
+            ("max_new_tokens", self.max_new_tokens, _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+             ">= 1"),
+            ("temperature", self.temperature, _is_real(self.temperature) and 0 <= self.temperature < math.inf,
+             ">= 0 (0: greedy)"),
+            ("top_p", self.top_p, _is_real(self.top_p) and 0 < self.top_p <= 1, "in (0, 1] (1: off)"),
+            ("top_k", self.top_k, _is_int(self.top_k) and self.top_k >= 0, ">= 0 (0: off)"),
+        )
+        for name, value, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
 @dataclass

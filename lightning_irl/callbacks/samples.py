@@ -27,7 +27,10 @@ class SampleLogger(Callback):
     log-probability and, for a built-in task, the expert mode it belongs to (``invalid`` when none).
     Loggers without ``add_text`` get the table in the Python log instead.
 
-    Every rank samples (sharded models generate collectively); rank 0 writes.
+    Every rank samples (sharded models generate collectively); rank 0 writes. It samples from a
+    copy of the random streams (``torch.random.fork_rng``), so logging samples never changes the
+    training trajectory, and checkpoints keep its schedule (a resumed run logs where the
+    uninterrupted one would).
 
     Args:
         every_n_steps: Interval in ``trainer.global_step``.
@@ -75,12 +78,30 @@ class SampleLogger(Callback):
         if self.log_on_train_end and self._prompts is not None:
             self.log_samples(trainer, pl_module, self._prompts)
 
-    @torch.no_grad()
+    @property
+    def state_key(self) -> str:
+        settings = {"every_n_steps": self.every_n_steps, "num_prompts": self.num_prompts,
+                    "num_samples": self.num_samples}
+        return f"{type(self).__qualname__}{settings!r}"
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"last_bucket": self._last_bucket, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._last_bucket = int(state_dict.get("last_bucket", self._last_bucket))
+        self._last_step = int(state_dict.get("last_step", self._last_step))
+
     def log_samples(self, trainer, pl_module, fallback_batch: Dict[str, Any]) -> None:
         step = trainer.global_step
         if step == self._last_step:
             return
         self._last_step = step
+        device = pl_module.device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            self._log_samples(trainer, pl_module, fallback_batch, step)
+
+    def _log_samples(self, trainer, pl_module, fallback_batch: Dict[str, Any], step: int) -> None:
         prompts = self._fixed_prompts(trainer, fallback_batch)
         device = pl_module.device
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from lightning_irl.data.collate import DemonstrationCollator, PackedDemonstrationCollator
@@ -17,15 +19,38 @@ from lightning_irl.data.tasks import KnownExpertTask, get_task
 log = logging.getLogger(__name__)
 
 
+def _run_seed() -> int:
+    """The run's seed: ``seed_everything``'s (``PL_GLOBAL_SEED``, as Lightning's own distributed
+    sampler takes it), else one drawn from torch's generator (kept in checkpoints)."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def length_grouped_order(lengths: List[int], batch_size: int, window_batches: int, seed: int) -> List[int]:
+    """Shuffle (``random.Random(seed)``), sort by length inside windows of ``batch_size *
+    window_batches`` examples, cut into batches of ``batch_size`` and shuffle the batches."""
+    rng = random.Random(seed)
+    window = batch_size * window_batches
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start : start + window], key=lengths.__getitem__, reverse=True)
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return [i for batch in batches for i in batch]
+
+
 class LengthGroupedSampler(Sampler[int]):
     """Shuffle, then sort by length inside windows of ``batch_size * window_batches`` examples,
     and shuffle the resulting batches: batches hold similar lengths (less padding) while the order
-    of batches stays random. Reseeded every epoch."""
+    of batches stays random. Reseeded every epoch. (The data module's training loader uses
+    ``ResumableSampler``, which gives the same order and can resume mid-epoch.)"""
 
     def __init__(self, lengths: List[int], batch_size: int, window_batches: int = 50, seed: int = 0) -> None:
         self.lengths = lengths
         self.batch_size = batch_size
-        self.window = batch_size * window_batches
+        self.window_batches = window_batches
         self.seed = seed
         self.epoch = 0
 
@@ -33,16 +58,85 @@ class LengthGroupedSampler(Sampler[int]):
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        rng = random.Random(self.seed + self.epoch)
+        order = length_grouped_order(self.lengths, self.batch_size, self.window_batches, self.seed + self.epoch)
         self.epoch += 1
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        batches = []
-        for start in range(0, len(order), self.window):
-            window = sorted(order[start : start + self.window], key=self.lengths.__getitem__, reverse=True)
-            batches += [window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)]
-        rng.shuffle(batches)
-        return iter([i for batch in batches for i in batch])
+        return iter(order)
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order, resumable mid-epoch: epoch ``e`` is a function of (``seed``, ``e``)
+    only, and ``start`` examples of this rank's share of it can be skipped.
+
+    - ``shuffle``: ``torch.randperm`` seeded with ``seed + epoch`` (``DistributedSampler``'s
+      order, so under DDP the same as Lightning's default sampler); ``lengths`` given: the
+      length-grouped order of ``length_grouped_order`` (seed ``seed + epoch``, batches of
+      ``batch_size * num_replicas`` so that a global batch holds similar lengths); else the file
+      order.
+    - Rank ``r`` of ``num_replicas`` takes every ``num_replicas``-th example from ``r``
+      (``DistributedSampler``: the order is padded by repeating its start to a multiple of the
+      ranks), so a global batch holds the same examples as one device's batch would.
+    - Lightning calls ``set_epoch`` at every epoch start; a new epoch starts at its beginning.
+      ``start`` is consumed by the next ``__iter__``: a resumed run first finishes the
+      interrupted epoch, then goes on with full epochs. ``__len__`` stays the full share (the
+      epoch's length to Lightning, which counts the skipped batches as done).
+
+    It draws nothing from the global random generators, so creating or resuming it never shifts
+    the run's randomness. ``state_dict()`` / ``load_state_dict()`` hold ``seed``, ``epoch``,
+    ``start``.
+    """
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 lengths: Optional[List[int]] = None, batch_size: int = 1, window_batches: int = 50) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.window_batches = window_batches
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def order(self) -> List[int]:
+        """This epoch's global order (every rank's examples, before padding)."""
+        n = len(self.dataset)
+        if self.lengths is not None:
+            return length_grouped_order(self.lengths, self.batch_size * self.num_replicas, self.window_batches,
+                                        self.seed + self.epoch)
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            return torch.randperm(n, generator=generator).tolist()
+        return list(range(n))
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()
+        padding = self.total_size - len(order)
+        if padding > 0:
+            order += (order * (padding // len(order) + 1))[:padding]
+        share = order[self.rank : self.total_size : self.num_replicas]
+        start, self.start = self.start, 0
+        return iter(share[start:])
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"seed": int(self.seed), "epoch": int(self.epoch), "start": int(self.start)}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.seed, self.epoch, self.start = int(state["seed"]), int(state["epoch"]), int(state["start"])
+
+
+class TrainDataLoader(DataLoader):
+    """The training ``DataLoader``. Lightning treats a loader with ``state_dict`` /
+    ``load_state_dict`` as resumable mid-epoch; this one's position (its ``ResumableSampler``'s)
+    is saved and restored by ``DemonstrationDataModule.state_dict`` / ``load_state_dict``, which
+    know how many batches training consumed, so its own state is empty."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
 
 
 class DemonstrationDataModule(L.LightningDataModule):
@@ -76,7 +170,9 @@ class DemonstrationDataModule(L.LightningDataModule):
         eval_batch_size: Examples per validation / test / predict batch (default: batch_size).
         group_by_length: Batch examples of similar length together (less padding).
         shuffle: Shuffle the training examples every epoch (False: file / task order, e.g. to
-            compare runs on different device counts example for example).
+            compare runs on different device counts example for example). The order of epoch
+            ``e`` is seeded with ``seed + e`` where ``seed`` is the run's ``seed_everything``
+            seed (``split_seed`` with ``group_by_length``); see ``ResumableSampler``.
         packing: Pack each training batch's examples end to end into fewer rows (padding-free,
             block-causal: examples never attend to each other; see
             ``PackedDemonstrationCollator``). Same examples and loss per step, less padding.
@@ -137,6 +233,8 @@ class DemonstrationDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.datasets: Dict[str, List[Dict[str, Any]]] = {}
         self.stats: Dict[str, EncodeStats] = {}
+        self.train_sampler: Optional[ResumableSampler] = None
+        self._resume_position: Optional[Dict[str, int]] = None
 
     # ---- records -----------------------------------------------------------------------
     def _fields(self, require_response: bool = True) -> Dict[str, Any]:
@@ -255,18 +353,63 @@ class DemonstrationDataModule(L.LightningDataModule):
                                                   self.hparams.pack_length or self.hparams.max_length)
         else:
             collate = DemonstrationCollator(self.tokenizer.pad_token_id)
-        sampler = None
-        if shuffle and self.hparams.group_by_length:
-            sampler = LengthGroupedSampler([len(e["input_ids"]) for e in examples], batch_size,
-                                           seed=self.hparams.split_seed)
-            shuffle = False
-        elif split == "train" and not shuffle and self._distributed_kwargs():
-            # Lightning would swap in a *shuffling* DistributedSampler for training; keep the order:
-            # rank r takes examples r, r + N, ..., so a global batch is the same examples as on 1 device.
-            sampler = DistributedSampler(examples, shuffle=False, **self._distributed_kwargs())
-        return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                          collate_fn=collate, num_workers=self.hparams.num_workers,
-                          drop_last=False, persistent_workers=self.hparams.num_workers > 0)
+        kwargs = dict(batch_size=batch_size, collate_fn=collate, num_workers=self.hparams.num_workers,
+                      drop_last=False, persistent_workers=self.hparams.num_workers > 0)
+        if split != "train":
+            # the generator only seeds the workers; without one, every new iterator would draw
+            # from torch's global generator and shift the run's randomness
+            return DataLoader(examples, shuffle=False, generator=torch.Generator().manual_seed(0), **kwargs)
+        sampler = self.train_sampler = self._train_sampler(examples, batch_size, shuffle)
+        return TrainDataLoader(examples, sampler=sampler, generator=torch.Generator().manual_seed(sampler.seed),
+                               **kwargs)
+
+    def _train_sampler(self, examples: List[Dict[str, Any]], batch_size: int, shuffle: bool) -> "ResumableSampler":
+        """The training order (``ResumableSampler``), at the position a checkpoint restored."""
+        h = self.hparams
+        replicas = self._distributed_kwargs() or {"num_replicas": 1, "rank": 0}
+        grouped = shuffle and h.group_by_length
+        position, self._resume_position = self._resume_position, None
+        if position is not None:
+            seed = int(position["seed"])
+        elif grouped:
+            seed = h.split_seed
+        else:
+            seed = _run_seed()
+        sampler = ResumableSampler(examples, shuffle=shuffle, seed=seed, batch_size=batch_size,
+                                   lengths=[len(e["input_ids"]) for e in examples] if grouped else None, **replicas)
+        trainer = self.trainer
+        if position is not None:
+            start = int(position["examples"])
+            if int(position.get("num_replicas", 1)) != sampler.num_replicas:
+                log.warning("resuming on %d process(es) from a checkpoint of %d: the rest of the interrupted "
+                            "epoch is approximate", sampler.num_replicas, int(position.get("num_replicas", 1)))
+                start = start * int(position.get("num_replicas", 1)) // sampler.num_replicas
+            sampler.epoch, sampler.start = int(position["epoch"]), min(start, sampler.num_samples)
+        elif trainer is not None:  # a reloaded loader starts at the current epoch
+            sampler.epoch = trainer.fit_loop.epoch_progress.current.processed
+        return sampler
+
+    # ---- the data position in checkpoints ------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """The training data position (``train_position``: the order's seed, the epoch and the
+        examples of it this rank has trained on), so that a run resumed mid-epoch continues with
+        the batches the interrupted run would have trained on next. Read from Lightning's batch
+        progress (batches whose training step ran), not from the loader, which runs ahead
+        (prefetching, workers)."""
+        sampler, trainer = self.train_sampler, self.trainer
+        if sampler is None or trainer is None:
+            return {}
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        epoch = int(sampler.epoch)
+        if done >= trainer.num_training_batches:
+            epoch, done = epoch + 1, 0
+        return {"train_position": {"seed": int(sampler.seed), "epoch": epoch, "batches": done,
+                                   "examples": min(done * self.hparams.batch_size, sampler.num_samples),
+                                   "num_replicas": int(sampler.num_replicas)}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore ``train_position``: the next training loader starts there."""
+        self._resume_position = dict(state["train_position"]) if state.get("train_position") else None
 
     def _distributed_kwargs(self) -> Dict[str, int]:
         trainer = self.trainer

@@ -13,6 +13,8 @@ separator the model should see at the end of the prompt.
 
 from __future__ import annotations
 
+import numbers
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
@@ -130,12 +132,47 @@ def encode_records(
     max_prompt_length: Optional[int] = None,
     overlong: str = "truncate",
 ):
+    """Encode ``records``; returns ``(examples, stats)``.
+
+    Raises ``ValueError`` for a ``max_length`` or ``max_prompt_length`` below 1, and
+    ``DataError`` naming the source (the file of the records' ``where``) and the reasons when
+    records were given but every one was left out: an empty list teaches nothing, and the cause
+    (a ``max_length`` shorter than every prompt, empty responses) is in the data or the limits.
+    """
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"{name} must be a number of tokens >= 1 (or None: no limit), got {value!r}")
     stats = EncodeStats()
     examples = []
     for record in records:
         example = encode_record(record, tokenizer, max_length, max_prompt_length, overlong, stats)
         if example is not None:
             examples.append(example)
+    if stats.records and not examples:
+        reasons = _drop_reasons(stats, max_length, overlong)
+        raise DataError(f"{_source_of(records)}: every record was dropped ({reasons})")
     return examples, stats
+
+
+def _source_of(records: List[Dict[str, Any]]) -> str:
+    """The file (or task split) the records came from, from their ``where`` (``d.jsonl:3``,
+    ``d.json record 2``, ``task modes train record 0``): one name, or the first one and a count."""
+    names = []
+    for record in records:
+        where = str(record.get("where") or record.get("__where__") or "records")
+        name = re.sub(r"(:\d+| record \d+)$", "", where)
+        if name not in names:
+            names.append(name)
+    return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} more sources)"
+
+
+def _drop_reasons(stats: EncodeStats, max_length: Optional[int], overlong: str) -> str:
+    reasons = []
+    if stats.dropped_overlong:
+        why = "longer than" if overlong == "drop" else "with a prompt that fills"
+        reasons.append(f"{stats.dropped_overlong} {why} max_length={max_length}")
+    if stats.dropped_empty_response:
+        reasons.append(f"{stats.dropped_empty_response} with an empty response")
+    return ", ".join(reasons) or f"{stats.records} records"

@@ -26,10 +26,37 @@ class Source:
         return f"{self.name}:{index}" if line else f"{self.name} record {index}"
 
 
+def _decode_error(path: str, data: bytes, err: UnicodeDecodeError, first_line: int = 1) -> DataError:
+    """``<path>:<line>: not UTF-8 text (...)`` for bytes that do not decode."""
+    line = first_line + data.count(b"\n", 0, err.start)
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
+                     "save the file as UTF-8")
+
+
+def _read_text(path: str) -> str:
+    """The whole file as text (UTF-8, an optional byte-order mark dropped), or a DataError naming
+    the line of the first byte that is not UTF-8."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        err.start += bom  # utf-8-sig reports positions after the mark
+        raise _decode_error(path, data, err) from None
+
+
 def _read_jsonl(path: str) -> List[Dict[str, Any]]:
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    err.start += 3
+                raise _decode_error(path, raw, err, first_line=number) from None
             if not line.strip():
                 continue
             try:
@@ -44,11 +71,13 @@ def _read_jsonl(path: str) -> List[Dict[str, Any]]:
 
 
 def _read_json(path: str) -> List[Dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    text = _read_text(path)
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -79,7 +108,10 @@ def load_records(
         import datasets
 
         dataset = datasets.load_dataset(hub_name, hub_config, split=split)
-        return _from_dataset(dataset, f"{hub_name}[{split}]")
+        records = _from_dataset(dataset, f"{hub_name}[{split}]")
+        if not records:
+            raise DataError(f"{hub_name}[{split}]: no records (the split is empty)")
+        return records
     assert path is not None
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder")
@@ -94,8 +126,28 @@ def load_records(
             if split not in loaded:
                 raise DataError(f"{path}: no split {split!r} (has {sorted(loaded)})")
             loaded = loaded[split]
-        return _from_dataset(loaded, path)
+        records = _from_dataset(loaded, path)
+        if not records:
+            raise DataError(f"{path}: no records (the dataset is empty)")
+        return records
     lower = path.lower()
+    if not lower.endswith(_SUFFIXES):
+        raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .parquet, .csv or a save_to_disk folder)")
+    try:
+        records = _read_file(path, lower)
+    except (DataError, MemoryError):
+        raise
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not records:
+        raise DataError(f"{path}: no records" + (" (the file is empty)" if os.path.getsize(path) == 0 else ""))
+    return records
+
+
+_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv")
+
+
+def _read_file(path: str, lower: str) -> List[Dict[str, Any]]:
     if lower.endswith((".jsonl", ".ndjson")):
         return _read_jsonl(path)
     if lower.endswith(".json"):
@@ -103,14 +155,29 @@ def load_records(
     if lower.endswith(".parquet"):
         import pandas as pd
 
-        return _from_dataset(pd.read_parquet(path).to_dict("records"), path)
-    if lower.endswith((".csv", ".tsv")):
-        import pandas as pd
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as err:  # pyarrow raises its own types (ArrowInvalid, ...) for a bad file
+            raise DataError(f"{path}: not a readable Parquet file ({_first_line(err)})") from None
+        return _from_dataset(frame.to_dict("records"), path)
+    import io
 
-        frame = pd.read_csv(path, sep="\t" if lower.endswith(".tsv") else ",", keep_default_na=False)
-        # CSV line numbers: header is line 1, the first record line 2.
-        return [{**row, "__where__": f"{path}:{i + 2}"} for i, row in enumerate(frame.to_dict("records"))]
-    raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .parquet, .csv or a save_to_disk folder)")
+    import pandas as pd
+
+    text = _read_text(path)
+    if not text.strip():
+        return []
+    try:
+        frame = pd.read_csv(io.StringIO(text), sep="\t" if lower.endswith(".tsv") else ",", keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        raise DataError(f"{path}: malformed CSV ({_first_line(err)})") from None
+    # CSV line numbers: header is line 1, the first record line 2.
+    return [{**row, "__where__": f"{path}:{i + 2}"} for i, row in enumerate(frame.to_dict("records"))]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def validate_record(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -33,6 +35,62 @@ _DTYPES = {
 }
 
 
+class SourceError(ValueError):
+    """A model or tokenizer source that cannot load: ``path`` (as given), ``field`` (the
+    ``ModelSpec`` field that names it) and ``reason``. The message is ``<path>: <reason> (<field>)``."""
+
+    def __init__(self, path: str, field: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason} ({field})")
+        self.path, self.field, self.reason = path, field, reason
+
+
+def looks_local(name: str) -> bool:
+    """Whether ``name`` can only mean a local folder, never a Hub id (``name`` or ``org/name``):
+    it starts with ``.``, ``/`` or ``~``, has more than one ``/`` or a backslash, contains
+    ``checkpoints/``, or its first part is a local folder (``exports/run1`` with ``exports/``
+    here). Such a name is never sent to the Hub when the folder is missing."""
+    if name.startswith((".", "/", "~")) or os.path.isabs(name) or "\\" in name:
+        return True
+    parts = name.split("/")
+    return len(parts) > 2 or "checkpoints/" in name or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return bool(constants.HF_HUB_OFFLINE) or any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+_MODEL_FILES = ("config.json", "adapter_config.json")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
+def check_source(name: str, field: str, files=_MODEL_FILES) -> None:
+    """Raise ``SourceError`` when ``name`` (a ``model_name_or_path`` or ``tokenizer``) cannot
+    load: a local-looking path (``looks_local``) that does not exist, is not a folder or holds
+    none of ``files``; or, with ``HF_HUB_OFFLINE=1``, a Hub id whose files are not in the local
+    cache. Never contacts the Hub."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, f)) for f in files):
+            kind = "model" if files is _MODEL_FILES else "tokenizer"
+            raise SourceError(name, field, f"not a Hugging Face {kind} folder (none of {', '.join(files)})")
+        return
+    if os.path.exists(path):
+        raise SourceError(name, field, "is a file, not a Hugging Face folder")
+    if looks_local(name):
+        hint = ("; a fit run writes its export there when it ends"
+                if re.search(r"version_\d+/export[^/]*/?$", name) else "")
+        raise SourceError(name, field, f"no such folder (a local path, so not looked up on the Hub){hint}")
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not any(isinstance(try_to_load_from_cache(name, f), str) for f in files):
+            raise SourceError(name, field, "not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 keeps "
+                                           "the Hub out of reach")
+
+
 @dataclass
 class ModelSpec:
     """A network: ``model_name_or_path`` (Hub id or local folder) or an inline ``config``.
@@ -43,7 +101,9 @@ class ModelSpec:
 
     Args:
         model_name_or_path: Hub id or local folder, loaded with ``from_pretrained``. The Hub is
-            reached only when an id is named here and the files are not cached.
+            reached only when an id is named here and the files are not cached; a name that can
+            only be a path (``./x``, ``/x``, ``a/b/c``, ``checkpoints/...``: ``looks_local``) is
+            never sent to it, and a missing folder is named in the error.
         config: A small architecture built from scratch, e.g. ``{model_type: llama,
             hidden_size: 64, num_hidden_layers: 2, ...}``. ``vocab_size`` and the special token
             ids are filled in from the tokenizer.
@@ -83,6 +143,21 @@ class ModelSpec:
     def from_scratch(self) -> bool:
         return self.model_name_or_path is None
 
+    def check_sources(self) -> None:
+        """Raise ``SourceError`` naming the model or tokenizer source that cannot load (see
+        ``check_source``): a missing local folder is named, never looked up on the Hub."""
+        if self.model_name_or_path is not None:
+            check_source(self.model_name_or_path, "model_name_or_path")
+        tokenizer = self.tokenizer
+        if tokenizer is not None and not tokenizer.startswith("task:") and tokenizer != self.model_name_or_path:
+            check_source(tokenizer, "tokenizer", _TOKENIZER_FILES)
+
+    @staticmethod
+    def _require_local(source: Optional[str], field: str) -> None:
+        """Name a missing local folder before transformers turns it into a Hub lookup."""
+        if source is not None and looks_local(source) and not os.path.isdir(os.path.expanduser(source)):
+            check_source(source, field)
+
     # ---------------------------------------------------------------------------------
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         source = self.tokenizer or self.model_name_or_path
@@ -96,6 +171,7 @@ class ModelSpec:
         if source.startswith("task:"):
             tokenizer = task_tokenizer(source)
         else:
+            self._require_local(source, "tokenizer" if source == self.tokenizer else "model_name_or_path")
             tokenizer = AutoTokenizer.from_pretrained(
                 source, trust_remote_code=self.trust_remote_code
             )
@@ -139,6 +215,7 @@ class ModelSpec:
                 self._config(tokenizer), dtype=None if dtype == "auto" else dtype, **self._kwargs()
             )
         else:
+            self._require_local(self.model_name_or_path, "model_name_or_path")
             model = AutoModelForCausalLM.from_pretrained(
                 self.model_name_or_path, dtype=dtype, **self._kwargs()
             )
@@ -163,6 +240,7 @@ class ModelSpec:
                 **self._kwargs(),
             )
         else:
+            self._require_local(self.model_name_or_path, "model_name_or_path")
             model = AutoModelForSequenceClassification.from_pretrained(
                 self.model_name_or_path, num_labels=num_labels, dtype=dtype, **self._kwargs()
             )

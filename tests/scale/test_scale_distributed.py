@@ -138,5 +138,7 @@ def test_cli_fit_resume_and_export_under_fsdp2(tmp_path):
     resumed = run("--trainer.max_steps", "4", "--ckpt_path", str(last))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "Restored all states" in resumed.stdout + resumed.stderr
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "quickstart" / "version_1" / "export")
+    # the resumed run continues in the checkpoint's own version folder
+    assert not (tmp_path / "checkpoints" / "quickstart" / "version_1").exists()
+    model = AutoModelForCausalLM.from_pretrained(version / "export")
     assert sum(p.numel() for p in model.parameters()) > 0
