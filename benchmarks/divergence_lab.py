@@ -1,6 +1,6 @@
 """The divergence lab: mass-covering SFT vs mode-seeking AIRL / GAIL on a task with a known expert.
 
-    HF_HUB_OFFLINE=1 python benchmarks/divergence_lab.py --task modes      # 3 seeds, 2 cores: 10.4 min
+    HF_HUB_OFFLINE=1 python benchmarks/divergence_lab.py --task modes      # 3 seeds, 2 cores: 8.5 min
     python benchmarks/divergence_lab.py --task grammar --json grammar.json  # 3 seeds, 2 cores: 17.2 min
     python benchmarks/divergence_lab.py --task modes --task-args '{"weights": [0.2, 0.5, 0.3]}'
     python benchmarks/divergence_lab.py --quick --task grammar              # 1 seed, 4 methods: 6.4 min
