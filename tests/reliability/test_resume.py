@@ -1,7 +1,7 @@
 """Exact resume: a run interrupted at step k and resumed from its step-k checkpoint ends with the
 weights, optimizer states and schedules, bit for bit (``torch.equal``), of the run that was never
 interrupted, for SFT and the rollout methods (adversarial with a log-ratio discriminator and a
-warm-up, SPIN, IQ-Learn), at kill points mid-epoch (at a validation), at an epoch boundary and in
+warm-up, SPIN, IQ-Learn, distillation, the reward model), at kill points mid-epoch (at a validation), at an epoch boundary and in
 the next epoch, with 0 and 2 DataLoader workers; then the same through the console script with a
 real SIGKILL, on one process and on two (DDP, gloo), and ``--ckpt_path last`` keeping the run's
 version folders.
@@ -15,6 +15,7 @@ randomness (``ExactResume``)."""
 from __future__ import annotations
 
 import glob
+import dataclasses
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_irl.algorithms import IQLearn, OptimizerSpec, SFT, SPIN, Adversarial
+from lightning_irl.algorithms import SFT, SPIN, Adversarial, Distill, IQLearn, OptimizerSpec, RewardModel
 from lightning_irl.algorithms.adversarial import DiscriminatorTraining, PolicyUpdate
 from lightning_irl.callbacks import ExactResume, RunCheckpoint
 from lightning_irl.cli import build_cli
@@ -59,6 +60,12 @@ def build_module(method: str):
         return SPIN(policy=spec, iterations=2, steps_per_iteration=6, **common)
     if method == "iq_learn":
         return IQLearn(policy=spec, policy_sample_weight=0.5, **common)
+    if method == "distill":  # half the steps on the student's own samples (seeded draws)
+        return Distill(policy=spec, teacher=dataclasses.replace(spec, seed=1), on_policy_fraction=0.5, **common)
+    if method == "reward_model":  # demonstrations vs samples of an initial policy, drawn each step
+        return RewardModel(classifier=dataclasses.replace(spec, seed=2), preset="init_demo",
+                           initial_policy=dataclasses.replace(spec, seed=3), optimizer=common["optimizer"],
+                           sampling=common["sampling"], export=False)
     raise ValueError(method)
 
 
@@ -122,7 +129,8 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-CASES = [("sft", 0), ("adversarial", 0), ("spin", 0), ("iq_learn", 0), ("sft", 2), ("adversarial", 2)]
+CASES = [("sft", 0), ("adversarial", 0), ("spin", 0), ("iq_learn", 0), ("distill", 0), ("reward_model", 0), ("sft", 2),
+         ("adversarial", 2)]
 
 
 @pytest.mark.parametrize("method,workers", CASES, ids=[f"{m}-workers{w}" for m, w in CASES])
