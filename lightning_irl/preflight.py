@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_irl.algorithms.base import IRLModule
 from lightning_irl.callbacks import JsonlPredictionWriter, RunCheckpoint
+from lightning_irl.callbacks.checkpoint import local_path
 from lightning_irl.data import DemonstrationDataModule
 from lightning_irl.models.spec import ModelSpec, SourceError
 
@@ -251,10 +252,9 @@ def check_checkpoint(path: str, model_cls=None, key: str = "--ckpt_path") -> Non
     kind of method as ``model_cls`` (judged by its state-dict parts: ``discriminator`` →
     Adversarial, ``opponent`` → SPIN, ...). A folder (a sharded checkpoint) or a remote URL is
     left to the strategy. Cheap: the file is memory-mapped, not read."""
-    name = os.path.expanduser(str(path))
-    if "://" in name and not name.startswith("file://"):
+    name = local_path(os.path.expanduser(str(path)))
+    if name is None:
         return
-    name = name.removeprefix("file://")
     if not os.path.exists(name):
         raise ConfigError(f"{path}: no such checkpoint file ({key})")
     if os.path.isdir(name):

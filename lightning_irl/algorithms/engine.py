@@ -42,8 +42,10 @@ from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Option
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
+
+from lightning_irl.callbacks.checkpoint import local_path
 
 #: The aligned per-token row tensors of a batch of sequences (demonstrations or rollouts).
 ROW_KEYS = ("input_ids", "attention_mask", "loss_mask", "position_ids")
@@ -93,8 +95,8 @@ def last_checkpoint(trainer) -> Optional[str]:
     for attribute in ("last_model_path", "best_model_path"):
         for callback in callbacks:
             path = str(getattr(callback, attribute, "") or "")
-            remote = "://" in path and not path.startswith("file://")
-            if path and (remote or os.path.exists(path.removeprefix("file://"))):
+            local = local_path(path)
+            if path and (local is None or os.path.exists(local)):
                 return path
     return None
 
@@ -457,15 +459,15 @@ def clip_sharded_grad_norm(optimizer, max_norm: float, strategy) -> torch.Tensor
     """Scale the gradients of ``optimizer``'s parameters so that their global norm is at most
     ``max_norm``, when each rank holds a shard of every gradient (FSDP1 with ``use_orig_params``);
     gradients replicated on every rank (``NO_SHARD``) are not summed over ranks. Returns the norm."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    device = grads[0].device if grads else strategy.root_device
-    local = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else \
-        torch.zeros((), device=device)
+    norm = grad_norm(optimizer)  # this rank's shards
+    local = norm.pow(2) if norm is not None else torch.zeros((), device=strategy.root_device)
     sharded = str(getattr(strategy, "sharding_strategy", "")).split(".")[-1] in ("FULL_SHARD", "SHARD_GRAD_OP")
     total = (strategy.reduce(local, reduce_op="sum") if sharded and strategy.world_size > 1 else local).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for grad in grads:
-        grad.mul_(scale.to(grad.dtype))
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                param.grad.mul_(scale.to(param.grad.dtype))
     return total
 
 

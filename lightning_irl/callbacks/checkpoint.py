@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterator, Literal, Optional, Union
 from weakref import proxy
 
 import torch
+from fsspec.utils import get_protocol
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -205,12 +206,20 @@ def _last_checkpoint_path(callback: RunCheckpoint, trainer) -> str:
     return filepath
 
 
+def local_path(path) -> Optional[str]:
+    """``path`` as a local file-system path (a ``file://`` prefix removed), or None for a remote
+    URL (``s3://``, ``gs://``, ...: fsspec's protocol is not ``file``)."""
+    path = str(path)
+    return path.removeprefix("file://") if get_protocol(path) == "file" else None
+
+
 def _removable(callback: RunCheckpoint, trainer, previous: str) -> bool:
     """ModelCheckpoint's rule for an outdated ``last`` file: remote files go; local ones only
     inside ``dirpath`` and never the checkpoint this run resumed from."""
-    if "://" in previous and not previous.startswith("file://"):
+    local = local_path(previous)
+    if local is None:
         return True
-    previous = os.path.abspath(previous.removeprefix("file://"))
+    previous = os.path.abspath(local)
     if trainer.ckpt_path is not None and previous == os.path.abspath(str(trainer.ckpt_path)):
         return False
     return previous.startswith(os.path.abspath(str(callback.dirpath)) + os.sep)
@@ -226,11 +235,11 @@ class AtomicCheckpointIO(CheckpointIO):
         self.inner = inner
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
-        path = str(path)
-        if "://" in path and not path.startswith("file://"):
-            self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        local = local_path(path)
+        if local is None:
+            self.inner.save_checkpoint(checkpoint, str(path), storage_options=storage_options)
             return
-        path = path.removeprefix("file://")
+        path = local
         partial = path + ".part"
         self.inner.save_checkpoint(checkpoint, partial, storage_options=storage_options)
         with open(partial, "rb") as f:
