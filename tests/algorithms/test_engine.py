@@ -136,17 +136,19 @@ def test_map_micro_batches_pads_each_output_back_to_the_full_width():
 
 
 class _OneParameter(L.LightningModule):
-    """loss = w · (30, 40): the gradient is (30, 40), norm 50, at every step."""
+    """loss = w · g: the gradient is g (default (30, 40), norm 50) at every step; one SGD step of
+    lr 1 with clipping to norm 1 per batch."""
 
-    def __init__(self, counted):
+    def __init__(self, counted=True, gradient=(30.0, 40.0)):
         super().__init__()
         self.automatic_optimization = False
         self.weight = torch.nn.Parameter(torch.zeros(2))
         self.engine = Engine(self)
         self.counted = counted
+        self.gradient = gradient
 
     def training_step(self, batch, batch_idx):
-        self.manual_backward((self.weight * torch.tensor([30.0, 40.0])).sum())
+        self.manual_backward((self.weight * torch.tensor(self.gradient)).sum())
         self.engine.step(self.optimizers(), max_grad_norm=1.0, counted=self.counted)
 
     def on_before_optimizer_step(self, optimizer):

@@ -15,10 +15,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_irl.algorithms import SFT, Adversarial, OptimizerSpec
 from lightning_irl.algorithms.adversarial import DiscriminatorTraining, PolicyUpdate
 from lightning_irl.algorithms.base import NONFINITE_SKIPPED_KEY
-from lightning_irl.algorithms.engine import Engine, NonFiniteError
+from lightning_irl.algorithms.engine import NonFiniteError
 from lightning_irl.data import DemonstrationDataModule
 from lightning_irl.metrics.evaluation import EvalConfig
 from lightning_irl.rollout import SamplingConfig
+from tests.algorithms.test_engine import _OneParameter
 
 NAN = float("nan")
 
@@ -305,30 +306,17 @@ def test_on_nonfinite_refuses_other_values(tiny_spec):
 
 
 # ---- 16-mixed: infinite gradients are the GradScaler's business ------------------------------------
-class _ScaledOneParameter(L.LightningModule):
-    """loss = w · (3, 4); a hook makes the gradient infinite at step 0."""
+class _ScaledOneParameter(_OneParameter):
+    """loss = w · (3, 4); a hook makes the gradient infinite at step 0; the weights after each step."""
 
     def __init__(self):
-        super().__init__()
-        self.automatic_optimization = False
-        self.weight = torch.nn.Parameter(torch.zeros(2))
+        super().__init__(gradient=(3.0, 4.0))
         self.weight.register_hook(lambda grad: grad + math.inf if self.trainer.global_step == 0 else grad)
-        self.engine = Engine(self)
         self.weights = []
 
     def training_step(self, batch, batch_idx):
-        self.manual_backward((self.weight * torch.tensor([3.0, 4.0])).sum())
-        self.engine.step(self.optimizers(), max_grad_norm=1.0)
+        super().training_step(batch, batch_idx)
         self.weights.append(self.weight.detach().clone())
-
-    def on_before_optimizer_step(self, optimizer):
-        self.engine.clip_before_step(optimizer)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1)), batch_size=1)
 
 
 def test_under_a_grad_scaler_infinite_gradients_are_skipped_by_the_scaler(tmp_path):
@@ -358,7 +346,7 @@ import torch
 sys.path.insert(0, sys.argv[1])
 from tests.conftest import TINY_LLAMA
 from lightning_irl.algorithms import SFT, OptimizerSpec
-from lightning_irl.algorithms.engine import Engine, NonFiniteError
+from lightning_irl.algorithms.engine import NonFiniteError
 from lightning_irl.data import DemonstrationDataModule
 from lightning_irl.metrics.evaluation import EvalConfig
 from lightning_irl.models.spec import ModelSpec

@@ -154,6 +154,21 @@ def cli_env() -> dict:
     return env
 
 
+def sigterm_after(args, cwd, pattern, timeout=120) -> str:
+    """Run ``args`` (the console script), send SIGTERM once a file matching ``pattern`` exists,
+    assert exit status 143 and return the run's output."""
+    proc = subprocess.Popen(args, cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while not glob.glob(str(pattern)):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=timeout)[0]
+    assert proc.returncode == 143, output[-3000:]
+    return output
+
+
 @pytest.mark.slow
 def test_sigterm_through_the_console_script(tmp_path):
     """``lightning_irl fit`` on the quickstart config, SIGTERM once it wrote its step-3 periodic
@@ -164,18 +179,9 @@ def test_sigterm_through_the_console_script(tmp_path):
     args = [CLI, "fit", "--config", QUICKSTART, *TINY_CLI]
     full = subprocess.Popen(args, cwd=tmp_path / "full", env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen([*args, "--checkpoint.every_n_train_steps", "3", "--checkpoint.save_top_k", "-1"],
-                            cwd=tmp_path / "run", env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
     folder = tmp_path / "run" / "checkpoints" / "quickstart" / "version_0"
-    deadline = time.time() + 120
-    while not glob.glob(str(folder / "*step=3.ckpt")):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 143, output[-3000:]
+    output = sigterm_after([*args, "--checkpoint.every_n_train_steps", "3", "--checkpoint.save_top_k", "-1"],
+                           tmp_path / "run", folder / "*step=3.ckpt")
     saved = re.search(r"Preemption: SIGTERM received; saved (\S+) at step (\d+), exiting with 143", output)
     assert saved, output[-3000:]
     step = int(saved.group(2))
@@ -209,18 +215,9 @@ def test_sigterm_stops_both_ddp_ranks_after_the_same_step(tmp_path):
     (tmp_path / "run").mkdir()
     full = subprocess.run(args, cwd=tmp_path / "full", env=cli_env(), capture_output=True, text=True, timeout=180)
     assert full.returncode == 0, full.stderr[-3000:]
-    proc = subprocess.Popen([*args, "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1"],
-                            cwd=tmp_path / "run", env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
     folder = tmp_path / "run" / "checkpoints" / "quickstart" / "version_0"
-    deadline = time.time() + 120
-    while not glob.glob(str(folder / "*step=2.ckpt")):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 143, output[-3000:]
+    output = sigterm_after([*args, "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1"],
+                           tmp_path / "run", folder / "*step=2.ckpt")
     steps = re.findall(r"Preemption: SIGTERM received; saved \S+ at step (\d+), exiting with 143", output)
     assert len(steps) == 2 and steps[0] == steps[1], output[-3000:]  # both ranks, the same step
     assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == int(steps[0]) < 12
