@@ -50,8 +50,9 @@ class SampleSource:
         file: Records with a prompt and a response (``kind: file``).
         val_file: Held-out records of a ``file`` side. Without one, ``val_fraction`` of ``file``
             (seeded split) is held out for validation / test.
-        prompt_field: Field of the prompt in ``file`` records.
-        response_field: Field of the response in ``file`` records.
+        prompt_field: Field of the prompt in ``file`` records. Default (None): detected as for
+            demonstrations (TRL's ``prompt``/``completion``, ``prompt``/``response``, ``messages``).
+        response_field: Field of the response in ``file`` records. Default (None): detected.
         val_fraction: Share of ``file`` records held out when there is no ``val_file``.
         seed: Seed of the ``file`` split and shuffling.
         sampling: Sampling of a ``policy`` side (default: the module's ``sampling``);
@@ -67,8 +68,8 @@ class SampleSource:
     policy: Optional[ModelSpec] = None
     file: Optional[str] = None
     val_file: Optional[str] = None
-    prompt_field: str = "prompt"
-    response_field: str = "response"
+    prompt_field: Optional[str] = None
+    response_field: Optional[str] = None
     val_fraction: float = 0.1
     seed: int = 0
     sampling: Optional[SamplingConfig] = None
@@ -208,7 +209,7 @@ class FileSide(Side):
         self.source = source
         self.tokenizer = tokenizer
         fields = dict(prompt_field=source.prompt_field, response_field=source.response_field,
-                      messages_field="messages", require_response=True)
+                      messages_field=None, require_response=True)
         records = validate_records(load_records(source.file), **fields)
         train = self._encode(records, source.file)
         if source.val_file is not None:

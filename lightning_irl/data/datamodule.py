@@ -142,6 +142,19 @@ class TrainDataLoader(DataLoader):
 class DemonstrationDataModule(L.LightningDataModule):
     """Serves (prompt, expert response) demonstrations.
 
+    Record formats: TRL's dataset formats load unchanged. Without field names, each file's
+    (split's) format is detected from its first record and every record must have the same one;
+    in order: a conversation (``messages``, TRL's conversational format, or ShareGPT's
+    ``conversations``); ``prompt`` with ``completion`` (TRL's prompt-completion) or ``response``
+    (ours), both text or both lists of messages (TRL's conversational prompt-completion). A
+    field named in ``prompt_field``/``response_field``/``messages_field`` is the one looked for
+    (naming only prompt/response fields skips the conversation fields; naming all three reads
+    each record by its own fields). Conversations are rendered with the tokenizer's chat
+    template; the loss is on the assistant turns (of a prompt/completion pair: the
+    completion's), each up to and including its end-of-turn token
+    (``lightning_irl.data.encode.encode_chat``). Preference data (``chosen``/``rejected``) and
+    plain ``text`` records are refused with a hint.
+
     Args:
         task: A built-in task with a known expert (``modes``, ...): demonstrations are drawn from
             it (``num_train``/``num_val``/``num_test`` records, seeded) and evaluation metrics
@@ -158,10 +171,14 @@ class DemonstrationDataModule(L.LightningDataModule):
         test_file: Test records (``lightning_irl test``).
         predict_file: Prompts to answer (``lightning_irl predict``); responses are ignored.
         dataset_name: A Hub dataset id, used only when named (then ``train_split``/``val_split``).
-        prompt_field: Field holding the prompt text.
-        response_field: Field holding the expert response.
-        messages_field: Field holding chat turns ``[{role, content}]``; rendered with the
-            tokenizer's chat template, loss on assistant turns only.
+        prompt_field: Field holding the prompt: text, or a list of messages ``[{role,
+            content}]`` (then the response field holds messages too). Default (None): detected,
+            see "Record formats" above.
+        response_field: Field holding the expert response. Default (None): detected,
+            ``completion`` then ``response``.
+        messages_field: Field holding a whole conversation ``[{role, content}]`` (ShareGPT's
+            ``{from, value}`` turns are read too). Default (None): detected, ``messages`` then
+            ``conversations``.
         max_length: Longest prompt + response in tokens; see ``overlong``.
         max_prompt_length: Longest prompt; longer prompts keep their last tokens.
         overlong: ``truncate`` (cut the response) or ``drop`` records over ``max_length``.
@@ -198,9 +215,9 @@ class DemonstrationDataModule(L.LightningDataModule):
         dataset_config: Optional[str] = None,
         train_split: str = "train",
         val_split: Optional[str] = None,
-        prompt_field: str = "prompt",
-        response_field: str = "response",
-        messages_field: str = "messages",
+        prompt_field: Optional[str] = None,
+        response_field: Optional[str] = None,
+        messages_field: Optional[str] = None,
         val_fraction: float = 0.0,
         split_seed: int = 0,
         max_length: Optional[int] = 1024,

@@ -9,6 +9,11 @@ Policy (counted in ``EncodeStats``):
   "stop at once", which is almost always a data error.
 Prompt and response are tokenized separately and concatenated, so the boundary is exact; put any
 separator the model should see at the end of the prompt.
+
+Conversations (``messages``, or a conversational prompt/completion) are rendered with the
+tokenizer's chat template and tokenized turn by turn (``encode_chat``): the loss is on the
+assistant turns (the completion's, for a prompt/completion pair), each up to and including its
+end-of-turn token; the template's own text (headers, a BOS, a default system prompt) is context.
 """
 
 from __future__ import annotations
@@ -47,28 +52,90 @@ def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> List[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def chat_segments(tokenizer: PreTrainedTokenizerBase, messages: List[Dict[str, str]], where: str):
-    """Split a rendered chat into (text, is_assistant_content) segments via the chat template.
+def _render(tokenizer: PreTrainedTokenizerBase, messages: List[Dict[str, str]], where: str,
+            add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # jinja2's TemplateError, or a template's raise_exception
+        text = str(err).strip().splitlines()
+        raise DataError(f"{where}: the tokenizer's chat template cannot render this conversation "
+                        f"({text[0] if text else type(err).__name__})") from None
 
-    Each assistant turn k contributes ``render(messages[:k], add_generation_prompt=True)`` as
-    context and the rest of ``render(messages[:k+1])`` as trained text, so template markers of the
-    assistant header are context and the assistant's words plus its end marker are trained.
+
+def chat_segments(tokenizer: PreTrainedTokenizerBase, messages: List[Dict[str, str]], where: str,
+                  train_from: int = 0):
+    """Split a rendered chat into (text, is_assistant_turn) segments via the chat template.
+
+    Each assistant turn k (from ``train_from`` on; earlier ones are context) contributes
+    ``render(messages[:k], add_generation_prompt=True)`` as context and the rest of
+    ``render(messages[:k+1])`` as its turn: the assistant's words, its end-of-turn marker and
+    whatever the template writes after it (``encode_chat`` trains up to the end-of-turn
+    token). Template text before the first turn (a BOS, a default system prompt) is context.
     """
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{where}: record has 'messages' but the tokenizer has no chat template")
+        raise DataError(f"{where}: record has a conversation but the tokenizer has no chat template")
     segments = []
     done = ""
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or k < train_from:
             continue
-        context = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        context = _render(tokenizer, messages[:k], where, add_generation_prompt=True)
+        full = _render(tokenizer, messages[: k + 1], where)
         if not context.startswith(done) or not full.startswith(context):
             raise DataError(f"{where}: the chat template does not render turns as prefixes; cannot mask turns")
         segments.append((context[len(done):], False))
         segments.append((full[len(context):], True))
         done = full
     return segments
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set:
+    """Ids of special tokens: the named ones (BOS, EOS, ...) and added tokens marked special
+    (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``)."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special)
+    return ids
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: List[Dict[str, str]], where: str,
+                train_from: int = 0):
+    """``(input_ids, loss_mask)`` of a conversation rendered by the tokenizer's chat template.
+
+    As ``apply_chat_template(tokenize=True)`` does (and TRL), the rendered text is tokenized
+    without the tokenizer's own special tokens: the template writes any BOS itself (Llama 3's
+    ``<|begin_of_text|>`` appears once). Trained (mask 1): each assistant turn from
+    ``train_from`` on, its words and its end-of-turn token, the turn's last special token
+    (``<|im_end|>``, ``<|eot_id|>``, ``</s>``; the whole turn when it holds none), so the model
+    learns to stop. Context (mask 0): everything else, the template's text after an end-of-turn
+    token included (ChatML's newline); the sequence ends at the last trained token.
+    """
+    special = _special_ids(tokenizer)
+    ids: List[int] = []
+    mask: List[int] = []
+    for text, trained in chat_segments(tokenizer, messages, where, train_from):
+        piece = _text_ids(tokenizer, text)
+        ids += piece
+        if trained:
+            end = max((i for i, t in enumerate(piece) if t in special), default=len(piece) - 1) + 1
+            mask += [1] * end + [0] * (len(piece) - end)
+        else:
+            mask += [0] * len(piece)
+    if 1 in mask:
+        end = len(mask) - mask[::-1].index(1)
+        ids, mask = ids[:end], mask[:end]
+    return ids, mask
+
+
+def _chat_prompt(record, tokenizer, max_prompt_length, stats):
+    """A conversation to answer: rendered with the assistant's header (``add_generation_prompt``)."""
+    text = _render(tokenizer, record["chat_prompt"], record.get("where", "record"), add_generation_prompt=True)
+    prompt = _text_ids(tokenizer, text)
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt = prompt[-max_prompt_length:]
+        stats.truncated_prompt += 1
+    stats.kept += 1
+    return {"input_ids": prompt, "loss_mask": [0] * len(prompt), "prompt_length": len(prompt),
+            "prompt": text, "response": ""}
 
 
 def encode_record(
@@ -81,13 +148,15 @@ def encode_record(
 ) -> Optional[Dict[str, Any]]:
     stats.records += 1
     where = record.get("where", "record")
+    if "chat_prompt" in record:
+        return _chat_prompt(record, tokenizer, max_prompt_length, stats)
     if "messages" in record:
-        ids: List[int] = []
-        mask: List[int] = []
-        for index, (text, trained) in enumerate(chat_segments(tokenizer, record["messages"], where)):
-            piece = _prompt_ids(tokenizer, text) if index == 0 else _text_ids(tokenizer, text)
-            ids += piece
-            mask += [int(trained)] * len(piece)
+        messages, train_from = record["messages"], record.get("train_from", 0)
+        trained = [m for m in messages[train_from:] if m["role"] == "assistant"]
+        if all(not m["content"].strip() for m in trained):
+            stats.dropped_empty_response += 1
+            return None
+        ids, mask = encode_chat(tokenizer, messages, where, train_from)
         if not any(mask):
             stats.dropped_empty_response += 1
             return None
