@@ -8,7 +8,8 @@ import re
 import sys
 from typing import Any, List, Optional
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
 
 from lightning_irl.algorithms.base import IRLModule
 from lightning_irl.callbacks import ExactResume, JsonlPredictionWriter, Preemption, RunCheckpoint
@@ -31,6 +32,23 @@ TRAINER_DEFAULTS = {
 }
 
 
+class SaveRunConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` in the run's log folder; when the first logger is an
+    ``MLFlowLogger`` (no run folder: LightningCLI's own callback fails on a database or server
+    URI) it goes to the MLflow run instead, as its artifact ``config.yaml``, as it does for an
+    ``MLFlowLogger`` further down the logger list."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.save_to_log_dir = not (trainer.loggers and isinstance(trainer.loggers[0], MLFlowLogger))
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                text = self.parser.dump(self.config, skip_none=False)
+                logger.experiment.log_text(logger.run_id, text, self.config_filename)
+
+
 class IRLCLI(LightningCLI):
     """LightningCLI with the package's groups: ``--predictions.*`` (``JsonlPredictionWriter``),
     ``--checkpoint.*`` (``RunCheckpoint``: folder, periodic checkpoints) and ``--preemption.*``
@@ -42,7 +60,8 @@ class IRLCLI(LightningCLI):
     the logger's ``version`` when set); none found: training starts from scratch, with a warning.
     ``fit`` resumed from ``last`` or from any file inside ``<root>/<run name>/version_<n>/`` keeps
     writing to ``logs/<run name>/version_<n>`` and that checkpoint folder (TensorBoard and CSV
-    loggers, when their ``version`` is not set).
+    loggers, when their ``version`` is not set). With other loggers (MLflow, W&B), ``--ckpt_path last``
+    needs ``--checkpoint.dirpath``.
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -87,9 +106,14 @@ class IRLCLI(LightningCLI):
             elif not logger:
                 path = find_last_checkpoint(root)
             if path is None:
+                # MLFlowLogger, WandbLogger, ...: the checkpoint folder is named after the logger's
+                # experiment and run ids, which the next run does not know; a fixed dirpath resumes
+                hint = ("" if dirpath or folder_logger or not logger else
+                        " (only TensorBoardLogger and CSVLogger runs are found by name; with another "
+                        "logger set --checkpoint.dirpath to resume with `last`)")
                 logging.getLogger(__name__).warning(
-                    "--ckpt_path last: no last checkpoint under %s; training starts from scratch",
-                    dirpath or run_folder or root)
+                    "--ckpt_path last: no last checkpoint under %s%s; training starts from scratch",
+                    dirpath or run_folder or root, hint)
                 config.ckpt_path = None
                 return
             logging.getLogger(__name__).info("--ckpt_path last: resuming from %s", path)
@@ -109,6 +133,7 @@ def build_cli(args: Optional[List[str]] = None, run: bool = True) -> IRLCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [ExactResume(), FailedStartCleanup()]},
+        save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
         parser_class=IRLArgumentParser,  # one-line errors, and preflight() before anything is built
         args=args,

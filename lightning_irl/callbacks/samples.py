@@ -1,4 +1,4 @@
-"""Logs a few prompts with sampled responses to TensorBoard as text, every N training steps."""
+"""Logs a few prompts with sampled responses as text (TensorBoard, MLflow, W&B) every N training steps."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger, MLFlowLogger, WandbLogger
 
 from lightning_irl.metrics.evaluation import take_prompts
 from lightning_irl.rollout import SamplingConfig
@@ -19,13 +20,36 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ") or "∅"
 
 
+COLUMNS = ["prompt", "response", "log π", "mode"]
+
+
+def write_text(logger: Logger, text: str, cells: List[List[str]], step: int) -> bool:
+    """Write the samples table with what ``logger`` has for text; False when it has nothing.
+
+    TensorBoard: ``add_text`` under the tag ``samples`` (the TEXT tab). MLflow: the artifact
+    ``samples/step_<step>.md`` of the run. W&B: the table ``samples`` (``log_text``). Anything
+    else with an ``experiment.add_text``: that. CSV and other loggers: nothing (False)."""
+    if isinstance(logger, MLFlowLogger):
+        logger.experiment.log_text(logger.run_id, text, f"samples/step_{step:07d}.md")
+        return True
+    if isinstance(logger, WandbLogger):
+        logger.log_text(key="samples", columns=COLUMNS, data=cells, step=step)
+        return True
+    experiment = getattr(logger, "experiment", None)
+    if experiment is not None and hasattr(experiment, "add_text"):
+        experiment.add_text("samples", text, global_step=step)
+        return True
+    return False
+
+
 class SampleLogger(Callback):
     """Every ``every_n_steps`` optimizer steps, sample ``num_samples`` responses for the first
     ``num_prompts`` validation prompts (the same prompts each time; the training batch when there
-    is no validation data) and write them as a Markdown table under the tag ``samples`` with
-    ``trainer.logger.experiment.add_text`` (TensorBoard). Each row shows the response's policy
+    is no validation data) and write them as a Markdown table to every logger that takes text:
+    TensorBoard's TEXT tab (tag ``samples``), an MLflow run's artifact ``samples/step_<n>.md``, a
+    W&B table ``samples`` (see ``write_text``). Each row shows the response's policy
     log-probability and, for a built-in task, the expert mode it belongs to (``invalid`` when none).
-    Loggers without ``add_text`` get the table in the Python log instead.
+    With no such logger (CSV only, or none) the table goes to the Python log instead.
 
     Every rank samples (sharded models generate collectively); rank 0 writes. It samples from a
     copy of the random streams (``torch.random.fork_rng``), so logging samples never changes the
@@ -115,7 +139,8 @@ class SampleLogger(Callback):
             return
         task = getattr(trainer.datamodule, "task", None)
         logps = rollout.sequence_logprobs.tolist()
-        rows: List[str] = ["| prompt | response | log π | mode |", "|---|---|---|---|"]
+        rows: List[str] = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---|---|"]
+        cells: List[List[str]] = []
         for i, response in enumerate(rollout.responses):
             prompt = batch["prompt"][i // self.num_samples]
             mode = ""
@@ -128,9 +153,10 @@ class SampleLogger(Callback):
             ending = "" if bool(rollout.finished[i]) else " …(no EOS)"
             logp = f"{logps[i]:.2f}" if math.isfinite(logps[i]) else str(logps[i])
             rows.append(f"| {_cell(prompt)} | {_cell(response)}{ending} | {logp} | {mode} |")
+            cells.append([prompt, response + ending, logp, mode])
         text = "\n".join(rows)
-        experiment = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
-        if experiment is not None and hasattr(experiment, "add_text"):
-            experiment.add_text("samples", text, global_step=step)
-        else:
+        written = False
+        for logger in trainer.loggers:
+            written = write_text(logger, text, cells, step) or written
+        if not written:
             log.info("samples at step %d:\n%s", step, text)
