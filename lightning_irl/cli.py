@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import MLFlowLogger
 
 from lightning_irl.algorithms.base import IRLModule
-from lightning_irl.callbacks import ExactResume, JsonlPredictionWriter, Preemption, RunCheckpoint
+from lightning_irl.callbacks import CpuThreads, ExactResume, JsonlPredictionWriter, Preemption, RunCheckpoint
 from lightning_irl.callbacks.checkpoint import find_last_checkpoint, find_run_versions
 from lightning_irl.data import DemonstrationDataModule
 from lightning_irl.errors import OptionError, condense_option_error, describe_failure
@@ -52,7 +52,8 @@ class SaveRunConfig(SaveConfigCallback):
 class IRLCLI(LightningCLI):
     """LightningCLI with the package's groups: ``--predictions.*`` (``JsonlPredictionWriter``),
     ``--checkpoint.*`` (``RunCheckpoint``: folder, periodic checkpoints) and ``--preemption.*``
-    (``Preemption``: SIGTERM / SIGUSR1 → ``last.ckpt``, exit 143 / 138); ``ExactResume`` (random
+    (``Preemption``: SIGTERM / SIGUSR1 → ``last.ckpt``, exit 143 / 138), ``--threads.*``
+    (``CpuThreads``: torch threads of a CPU run); ``ExactResume`` (random
     streams in checkpoints) is always on.
 
     Resuming: ``--ckpt_path last`` is the newest ``last*.ckpt`` of the newest
@@ -68,6 +69,7 @@ class IRLCLI(LightningCLI):
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(Preemption, "preemption")
+        parser.add_lightning_class_args(CpuThreads, "threads")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
