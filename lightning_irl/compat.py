@@ -76,4 +76,38 @@ def no_split_module_names(model: torch.nn.Module) -> Set[str]:
     return set(getattr(model, NO_SPLIT_MODULES, None) or ())
 
 
-__all__ = ["PrivateAPIChanged", "no_split_module_names", "set_data_parallel_size"]
+#: ``PretrainedConfig`` property: the attention implementation the model was built with, set by
+#: ``PreTrainedModel.__init__`` after it resolved the requested one (or none) for the architecture.
+ATTN_IMPLEMENTATION = "_attn_implementation"
+
+
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The attention implementation a Hugging Face model runs (``"sdpa"``, ``"eager"``,
+    ``"flash_attention_2"``, ...): what transformers picked when none was requested (``sdpa``
+    where the architecture supports it, else ``eager``), or the requested one. A peft wrapper is
+    looked through (its ``config`` is the base model's).
+
+    Why private: transformers stores the resolved choice only as ``config._attn_implementation``
+    (its own attention dispatch reads it there: ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``);
+    the public ``attn_implementation`` is a constructor / ``from_pretrained`` argument, with no
+    getter.
+
+    Known for: transformers 5.x (checked against 5.24.0, ``configuration_utils.py``: the
+    ``_attn_implementation`` property over ``_attn_implementation_internal``;
+    ``modeling_utils.py``: ``get_correct_attn_implementation`` falls back from ``sdpa`` to
+    ``eager``).
+    """
+    from transformers import PretrainedConfig
+
+    if not isinstance(getattr(PretrainedConfig, ATTN_IMPLEMENTATION, None), property):
+        raise PrivateAPIChanged(
+            f"transformers.PretrainedConfig has no {ATTN_IMPLEMENTATION!r} property any more: update "
+            "lightning_irl.compat.attention_implementation"
+        )
+    config = getattr(model, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"{type(model).__name__} is not a Hugging Face model (no PretrainedConfig `config`)")
+    return getattr(config, ATTN_IMPLEMENTATION)
+
+
+__all__ = ["PrivateAPIChanged", "attention_implementation", "no_split_module_names", "set_data_parallel_size"]

@@ -86,6 +86,37 @@ def test_no_split_module_names_of_a_tiny_llama_and_of_a_plain_module():
     assert block_class_names(holder) == {"LlamaDecoderLayer"}
 
 
+# ---- compat: transformers PretrainedConfig._attn_implementation --------------------------------
+
+def test_pretrained_config_still_keeps_the_resolved_attention_implementation_privately():
+    from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
+
+    name = compat.ATTN_IMPLEMENTATION
+    assert isinstance(getattr(PretrainedConfig, name, None), property), (
+        f"transformers.PretrainedConfig no longer has a {name!r} property: "
+        "update lightning_irl.compat.attention_implementation")
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"},
+                                         vocab_size=16, attn_implementation="eager"))
+    assert getattr(model.config, name) == "eager", (
+        f"the requested attention implementation is no longer kept in config.{name}: "
+        "update lightning_irl.compat.attention_implementation")
+
+
+def test_attention_implementation_names_what_transformers_picked_or_was_asked_for():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    picked = AutoModelForCausalLM.from_config(LlamaConfig(**config, vocab_size=16))
+    assert compat.attention_implementation(picked) == "sdpa"  # Llama supports SDPA: the default pick
+    asked = AutoModelForCausalLM.from_config(LlamaConfig(**config, vocab_size=16), attn_implementation="eager")
+    assert compat.attention_implementation(asked) == "eager"
+    wrapped = get_peft_model(asked, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert compat.attention_implementation(wrapped) == "eager"  # peft's config is the base model's
+    with pytest.raises(TypeError, match="not a Hugging Face model"):
+        compat.attention_implementation(torch.nn.Linear(2, 2))
+
+
 # ---- require_supported_strategy: LightningModule.trainer (public) instead of _trainer ----------
 
 def test_require_supported_strategy_without_and_with_a_trainer():

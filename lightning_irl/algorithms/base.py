@@ -165,9 +165,18 @@ class IRLModule(L.LightningModule):
         self._tokens_seen = 0
         self._clock: Optional[float] = None
 
+    def on_fit_start(self) -> None:
+        """Training mode (dropout on) for the models being trained when ``fit`` starts.
+
+        Lightning (2.2+) no longer calls ``.train()`` when training starts (it only restores each
+        module's mode after validation), and ``from_pretrained`` returns a model in eval mode: a
+        policy or discriminator loaded from a folder (GPT-2, OPT: dropout 0.1) would otherwise
+        train without its dropout, unlike the same network built from an inline config."""
+        self.train()
+
     def train(self, mode: bool = True):
-        """Lightning calls ``.train()`` on the whole module each epoch; models whose parameters are
-        all frozen (reference, opponent, teacher, scoring policies) stay in eval mode."""
+        """``.train()`` on the whole module (``on_fit_start``); models whose parameters are all
+        frozen (reference, opponent, teacher, scoring policies) stay in eval mode."""
         super().train(mode)
         for child in self.children():
             params = list(child.parameters())

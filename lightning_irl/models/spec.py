@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lightning_irl.compat import attention_implementation
 from lightning_irl.data.tasks import task_tokenizer
 from lightning_irl.models.lora import LoraSpec, apply_lora  # re-exported: user code names models.spec.LoraSpec
 from lightning_irl.tokenizers import ensure_pad_token
@@ -115,7 +116,12 @@ class ModelSpec:
             chooses the compute dtype), ``bfloat16``, ``float16`` or ``auto``.
         trust_remote_code: Run code shipped with a Hub model. Off unless you turn it on.
         gradient_checkpointing: Recompute activations in backward to save memory.
-        attn_implementation: Passed to transformers (``sdpa``, ``eager``, ...).
+        attn_implementation: The attention kernel. ``None`` or ``auto`` (default): transformers
+            picks the best one the architecture supports, ``sdpa`` where it has it, else
+            ``eager`` (Gemma 2: SDPA cannot soft-cap attention logits); the build logs the pick
+            (``lightning_irl.compat.attention_implementation(model)``). An explicit ``eager``,
+            ``sdpa``, ``flash_attention_2``, ... is passed to transformers as given and overrides
+            the pick (an architecture without it fails at build).
         lora: LoRA adapter settings, or None for full fine-tuning. With LoRA the built model is a
             ``peft.PeftModel`` whose base weights are frozen; the export merges the adapter into a
             plain Hugging Face folder.
@@ -127,7 +133,7 @@ class ModelSpec:
     dtype: str = "float32"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    attn_implementation: Optional[str] = "sdpa"
+    attn_implementation: Optional[str] = None
     lora: Optional[LoraSpec] = None
     seed: Optional[int] = field(default=None)
 
@@ -190,11 +196,19 @@ class ModelSpec:
 
     def _kwargs(self) -> Dict[str, Any]:
         kwargs: Dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
-        if self.attn_implementation:
+        # None / "auto": not passed, so transformers picks per architecture (sdpa, else eager). A
+        # fixed "sdpa" default refused every model without SDPA support (Gemma 2) at build time.
+        if self.attn_implementation and self.attn_implementation != "auto":
             kwargs["attn_implementation"] = self.attn_implementation
         return kwargs
 
     def _finish(self, model: PreTrainedModel, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+        # from_pretrained hands back eval mode, from_config train mode: one answer whatever the
+        # source, so a folder's dropout (GPT-2, OPT: 0.1) is on in training as for an inline
+        # config. Frozen models (references, teachers, scorers) are put in eval mode by freeze().
+        model.train()
+        log.info("%s: %s attention%s", type(model).__name__, attention_implementation(model),
+                 "" if self.attn_implementation not in (None, "auto") else " (picked by transformers)")
         if self.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
