@@ -392,6 +392,10 @@ class DemonstrationDataModule(L.LightningDataModule):
             seed = h.split_seed
         else:
             seed = _run_seed()
+            if replicas.get("num_replicas", 1) > 1:
+                # Drawn per process when there is no seed_everything seed: every rank must shard
+                # one and the same order (else examples repeat or go missing), so rank 0's wins.
+                seed = int(self.trainer.strategy.broadcast(seed))
         sampler = ResumableSampler(examples, shuffle=shuffle, seed=seed, batch_size=batch_size,
                                    lengths=[len(e["input_ids"]) for e in examples] if grouped else None, **replicas)
         trainer = self.trainer

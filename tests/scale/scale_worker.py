@@ -42,6 +42,51 @@ class Record(L.Callback):
         self.losses.append(float(value) if value is not None else float("nan"))
 
 
+class MultinodeProbe(L.Callback):
+    """What one rank of a console-script run saw (tests/scale/test_multinode.py adds it with
+    ``--trainer.callbacks+=scale_worker.MultinodeProbe`` and ``tests/scale`` on ``PYTHONPATH``).
+
+    At the end of training each rank writes ``probe_rank<global rank>.json`` into the working
+    directory: how Lightning placed it (cluster environment, node / local / global rank, world
+    size, strategy), the policy's parameter types (``DTensor`` when sharded), and per training
+    step the unpadded token rows of its batch and the logged ``key``.
+    """
+
+    def __init__(self, key: str = "train/loss") -> None:
+        self.key = key
+        self.rows = []
+        self.losses = []
+        self.placement = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.placement = {
+            "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
+            "strategy": type(trainer.strategy).__name__,
+            "global_rank": trainer.global_rank, "node_rank": trainer.node_rank,
+            "local_rank": trainer.local_rank, "world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
+            "param_types": sorted({type(p).__name__ for p in pl_module.policy.parameters()}),
+        }
+        sampler = getattr(trainer.datamodule, "train_sampler", None)
+        if sampler is not None:  # the data module's ResumableSampler: whose share of which order
+            self.placement["sampler"] = {"seed": sampler.seed, "rank": sampler.rank,
+                                         "num_replicas": sampler.num_replicas}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        mask = batch["attention_mask"].bool()
+        self.rows.append([row[keep].tolist() for row, keep in zip(batch["input_ids"], mask)])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        value = trainer.callback_metrics.get(self.key)
+        self.losses.append(float(value) if value is not None else float("nan"))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+
+        with open(f"probe_rank{trainer.global_rank}.json", "w") as f:
+            json.dump({**self.placement, "global_step": trainer.global_step, "rows": self.rows,
+                       "losses": self.losses}, f)
+
+
 def full_state(module, model=None) -> dict:
     """The full state dict of ``model`` (default: the policy); collective under FSDP2."""
     from torch.distributed.tensor import DTensor
