@@ -114,3 +114,54 @@ def set_threads(threads: int) -> None:
     10x swings; one thread per process keeps the side-by-side ratios steady."""
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+# ---- model sizes of the SFT / AIRL comparisons (sft_throughput.py, scaling.py, gpu_check.py) -----------------
+# Llama shapes, built from a config (seed 0) with a synthetic word-level vocabulary of ``vocab`` ids
+# (``make_dataset(vocab=...)``). ``batch_size`` is the batch at 128 tokens (``batch_size_for`` scales it
+# with the sequence length so a batch holds about the same number of token cells): steps of
+# roughly 0.05-1 s on one CPU thread. Parameter counts include the (untied) embedding and LM head.
+def _llama(hidden: int, intermediate: int, layers: int, heads: int) -> Dict[str, Any]:
+    return {"model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+            "max_position_embeddings": 512}
+
+
+SIZES: Dict[str, Dict[str, Any]] = {
+    # the quickstart's shape (configs/quickstart.yaml), vocabulary of 32 like the `modes` task: 86K
+    "84K": {"config": _llama(64, 128, 2, 4), "vocab": 32, "batch_size": 16},
+    "1M": {"config": _llama(128, 344, 4, 4), "vocab": 1024, "batch_size": 8},            # 1.05M
+    "5M": {"config": dict(SMALL_LLAMA), "vocab": VOCAB, "batch_size": 8},                # 5.26M
+    "30M": {"config": _llama(512, 1024, 8, 8), "vocab": 8192, "batch_size": 2},          # 29.4M
+}
+
+
+def batch_size_for(size: str, max_length: int) -> int:
+    """The size's batch at 128 tokens, scaled by 128 / ``max_length`` (at least 1)."""
+    return max(1, SIZES[size]["batch_size"] * 128 // max_length)
+
+
+def min_length_for(max_length: int) -> int:
+    """Shortest example of the synthetic data at ``max_length``: lengths are log-uniform in
+    [max_length / 4, max_length], so the sequence length of a run is what its name says."""
+    return max(8, max_length // 4)
+
+
+def size_config(size: str, max_length: int = 512) -> Dict[str, Any]:
+    """The model config of ``size`` (a copy), with room for ``max_length`` positions."""
+    config = dict(SIZES[size]["config"])
+    config["max_position_embeddings"] = max(config.get("max_position_embeddings", 512), max_length)
+    return config
+
+
+def count_params(config: Dict[str, Any], vocab: int) -> int:
+    """Parameters of a Llama ``config`` with ``vocab`` ids (untied embedding and head), computed."""
+    h, i, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return n * per_layer + 2 * vocab * h + h
+
+
+def thread_info() -> str:
+    """``torch threads N (OMP_NUM_THREADS=...)``: what a benchmark prints in its header."""
+    return f"torch threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
