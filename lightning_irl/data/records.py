@@ -315,6 +315,9 @@ def _no_format(record: Dict[str, Any], fields: List[str]) -> str:
     if _present(record, "text") and len(fields) == 1:
         return (f"TRL's language-modeling format ('text') has no prompt/response split to learn from: {EXPECTED}, "
                 f"got fields {fields}; split each text into prompt and completion fields")
+    if _present(record, "prompt"):
+        return (f"missing field 'completion' (or 'response') next to 'prompt': {EXPECTED}, got fields {fields}; "
+                f"name yours with {FLAGS}")
     return f"no known demonstration format: {EXPECTED}, got fields {fields}; name yours with {FLAGS}"
 
 

@@ -268,7 +268,8 @@ def test_unknown_format_names_what_was_expected(tmp_path):
         "train.jsonl:1: no known demonstration format: expected prompt+completion, prompt+response or messages "
         "(TRL's formats), got fields ['answer', 'question']; name yours with "
         "--data.init_args.prompt_field/response_field (or messages_field)")
-    assert _error(tmp_path, [{"prompt": "q"}]).startswith("train.jsonl:1: no known demonstration format:")
+    assert _error(tmp_path, [{"prompt": "q"}]).startswith(
+        "train.jsonl:1: missing field 'completion' (or 'response') next to 'prompt': expected prompt+completion")
 
 
 @pytest.mark.parametrize("row, hint", [

@@ -198,7 +198,7 @@ CASES = [
     ("data-empty-file", ["fit", "--config", "Q", *NO_TASK, "--data.init_args.train_file", "EMPTY_JSONL"],
      re.compile(r"\S*empty\.jsonl: no records \(the file is empty\)")),
     ("data-missing-field", ["fit", "--config", "Q", *NO_TASK, "--data.init_args.train_file", "NORESP_JSONL"],
-     re.compile(r"\S*noresp\.jsonl:1: missing field 'response'")),
+     re.compile(r"\S*noresp\.jsonl:1: missing field 'completion' \(or 'response'\) next to 'prompt': .*")),
     ("data-all-dropped", ["fit", "--config", "Q", *NO_TASK, "--data.init_args.train_file", "BLANK_JSONL"],
      re.compile(r"\S*blank\.jsonl: every record was dropped \(2 with an empty response\)")),
     ("data-file-type", ["fit", "--config", "Q", *NO_TASK, "--data.init_args.train_file", "DEMOS_TXT"],
