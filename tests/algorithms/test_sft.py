@@ -3,6 +3,7 @@
 import copy
 
 import lightning as L
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -78,3 +79,32 @@ def test_one_batch_of_8_equals_2x4_accumulated_and_plain_pytorch(tiny_spec):
         torch.testing.assert_close(accumulated[name], reference[name], rtol=1e-5, atol=1e-7)
     # the usual mean-of-micro-batch-means is *not* the same gradient: the test can tell them apart
     assert any(not torch.allclose(naive[n], reference[n], rtol=1e-4, atol=1e-6) for n in reference)
+
+
+def test_tokens_per_sec_is_the_tokens_since_the_last_logged_step_over_their_time(tmp_path, tiny_spec, monkeypatch):
+    """perf/tokens_per_sec at a logged step = non-pad tokens of the steps since the previous
+    logged step / the time between their starts (a fake clock: 1 s per step)."""
+    import pandas as pd
+    from lightning.pytorch.loggers import CSVLogger
+
+    import lightning_irl.algorithms.base as base
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(base, "perf_counter", lambda: float(next(ticks)))
+    L.seed_everything(0)
+    module = SFT(policy=tiny_spec, optimizer=OptimizerSpec(lr=1e-3), export=False)
+    data = DemonstrationDataModule(task="modes", num_train=56, num_val=0, batch_size=8, shuffle=False)
+    logger = CSVLogger(tmp_path, name="rate")
+    trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=logger, log_every_n_steps=3,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    frame = pd.read_csv(f"{logger.log_dir}/metrics.csv")
+    logged = frame[["step", "perf/tokens_per_sec"]].dropna()
+    collate = DemonstrationCollator(module.tokenizer.pad_token_id)
+    examples = data.datasets["train"]
+    tokens = [int(collate(examples[8 * i: 8 * i + 8])["attention_mask"].sum()) for i in range(7)]
+    # step 3 (index 2): steps 0-1 over the 2 s since step 0 started; step 6: steps 2-4 over 3 s
+    assert logged["step"].tolist() == [2, 5]
+    assert logged["perf/tokens_per_sec"].tolist() == pytest.approx([sum(tokens[0:2]) / 2, sum(tokens[2:5]) / 3],
+                                                                   rel=1e-6)  # logged as float32
