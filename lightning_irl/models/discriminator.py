@@ -14,10 +14,15 @@ from typing import Tuple
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_irl.models.scoring import last_token_index, prefix_logits, score_head, sequence_logits
+from lightning_irl.models.scoring import (
+    last_token_index,
+    prefix_logits,
+    response_token_logprobs,
+    score_head,
+    sequence_logits,
+)
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.objectives.divergences import log_ratio_prefix_logits
-from lightning_irl.objectives.logprobs import token_logprobs
 
 LOG_RATIO_FILE = "log_ratio_discriminator.json"
 
@@ -46,8 +51,9 @@ class LogRatioDiscriminator(torch.nn.Module):
     ``forward`` runs ``q`` itself (so FSDP wrappers on this module see a normal call) and takes
     the policy's shifted token log-probs of the same rows as an input (computed without gradient
     by the caller: the discriminator never trains the policy). Returns the prefix logits [B, T]
-    and ``q``'s shifted token log-probs [B, T−1] (for an optional likelihood term on
-    demonstrations).
+    and ``q``'s shifted token log-probs [B, T−1] of the response tokens (0 before the first
+    response column: ``q``'s LM head runs from there on only), for an optional likelihood term on
+    demonstrations.
 
     At the optimum of the BCE, ``q ∝ d_E`` on the data, ``a = 1`` and ``h = log d_E − log π``;
     with ``q`` started as a copy of the policy, training starts from ``h = b = 0`` (``D = ½``).
@@ -67,7 +73,7 @@ class LogRatioDiscriminator(torch.nn.Module):
         """``calibrate_only``: the logit's gradient reaches ``a`` and ``b`` only (``q`` is then fitted
         by the caller's likelihood term alone: the "fit q as a language model, calibrate a, b"
         warm-up)."""
-        q_logps = token_logprobs(self.q, input_ids, attention_mask)
+        q_logps = response_token_logprobs(self.q, input_ids, attention_mask, loss_mask)
         width = q_logps.size(1)
         h = log_ratio_prefix_logits(q_logps.detach() if calibrate_only else q_logps, policy_token_logps[:, :width],
                                     loss_mask[:, 1 : width + 1], self.bias.float(), self.scale.float())

@@ -13,6 +13,7 @@ import torch
 
 from lightning_irl.algorithms import Adversarial, OptimizerSpec
 from lightning_irl.algorithms.adversarial import DiscriminatorTraining, PolicyUpdate
+from lightning_irl.algorithms.engine import rollout_rows
 from lightning_irl.cli import build_cli
 from lightning_irl.data import DemonstrationDataModule
 from lightning_irl.data.collate import DemonstrationCollator
@@ -291,6 +292,105 @@ def test_one_policy_step_with_a_fixed_reward_moves_toward_the_rewarded_samples(t
     assert after > before * 1.05, (float(before), float(after))
 
 
+class _FirstRatio(L.Callback):
+    """Records the largest |log π_θ − log π_old| of the first PPO minibatch (before any update)."""
+
+    def __init__(self):
+        self.values = []
+
+    def setup(self, trainer, pl_module, stage):
+        from lightning_irl.models.scoring import response_token_logprobs
+
+        original = pl_module._policy_sums
+
+        def recording(micro):
+            if not self.values:
+                with torch.no_grad():
+                    logps = response_token_logprobs(pl_module.policy, micro["input_ids"], micro["attention_mask"],
+                                                    micro["loss_mask"])
+                mask = micro["loss_mask"][:, 1:].bool()
+                self.values.append(float((logps - micro["old_logps"])[mask].abs().max()))
+            return original(micro)
+
+        pl_module._policy_sums = recording
+
+
+@pytest.mark.parametrize("precision,source", [("32-true", "generate"), ("bf16-mixed", "forward")])
+def test_ppo_starts_at_ratio_one_with_auto_logprobs(tiny_spec, precision, source):
+    """``logprobs_from: auto`` gives PPO old log-probs whose first ratio is 1: the sampling pass's
+    in float32 (within 1e-5), a recomputation under bf16 (exactly the training forward's on the
+    CPU). RLOO takes the sampling pass's in both."""
+    L.seed_everything(0)
+    sources = []
+    for loss in ("ppo", "rloo"):
+        module = _module(tiny_spec, num_samples=4, update=dict(loss=loss, ppo_epochs=1, ppo_minibatches=2))
+        assert module.sampling.logprobs_from == "auto"
+        rollout = module.rollout
+
+        def recorded(*args, _rollout=rollout, _loss=loss, **kwargs):
+            out = _rollout(*args, **kwargs)
+            sources.append((_loss, out.logprobs_source))
+            return out
+
+        module.rollout = recorded
+        data = DemonstrationDataModule(task="modes", num_train=8, num_val=0, batch_size=4)
+        ratio = _FirstRatio()
+        trainer = _trainer(2, callbacks=[ratio], precision=precision)
+        trainer.fit(module, datamodule=data)
+        assert trainer.global_step == 2
+        if loss == "ppo":
+            assert ratio.values and ratio.values[0] <= (1e-5 if source == "generate" else 0.0), ratio.values
+    # (the first auto rollout of a model at a precision runs the one-time check; it reports its verdict)
+    assert [s for loss, s in sources if loss == "ppo"] == [source, source]
+    assert [s for loss, s in sources if loss == "rloo"] == ["generate", "generate"]
+
+
+def test_shared_prefixes_and_length_buckets_give_the_padded_batch_results(tiny_spec, monkeypatch):
+    """The classifier's and the reference's reads of a rollout batch whose prompts differ in
+    length: over a cache of the prompts shared by the k samples (the default here), in length
+    buckets, or in one padded call: the same values and the same discriminator gradient."""
+    from lightning_irl.models import scoring
+
+    L.seed_everything(0)
+    module = _module(tiny_spec, num_samples=3)
+    prompts = ["c a b =", "d b a f g a b c d =", "h =", "a b c d e f g h a b c d e f ="]
+    encoded = [module.tokenizer(p)["input_ids"] for p in prompts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[module.tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    batch = {"prompt_input_ids": ids, "prompt_attention_mask": mask}
+    torch.manual_seed(1)
+    rows = rollout_rows(module.rollout(batch, SamplingConfig(max_new_tokens=6, num_samples=3, temperature=3.0)))
+    start = scoring.first_scored_column(rows["loss_mask"])
+    assert scoring.shared_prefix_plan(rows["input_ids"], rows["attention_mask"], start) is not None
+    assert len(scoring.length_buckets(rows["attention_mask"])) > 1
+    plan, buckets = scoring.shared_prefix_plan, scoring.length_buckets
+    results = {}
+    for path in ("shared prefix", "buckets", "one call"):
+        if path != "shared prefix":
+            monkeypatch.setattr(scoring, "shared_prefix_plan", lambda *a: None)
+        if path == "one call":
+            monkeypatch.setattr(scoring, "length_buckets", lambda m, enabled=True: buckets(m, enabled=False))
+        module.discriminator.zero_grad()
+        logits = module._classifier_logits(rows)
+        logits.sum().backward()
+        grads = [p.grad.clone() for p in module.discriminator.parameters() if p.grad is not None]
+        results[path] = (logits.detach(), module._reference_logprobs(rows), module._prefix_logits_full(rows), grads)
+    monkeypatch.setattr(scoring, "shared_prefix_plan", plan)
+    assert scoring._PREFIX_VERIFIED[module.discriminator] == {False: True}
+    assert scoring._PREFIX_VERIFIED[module.reference] == {False: True}
+    m = rows["loss_mask"][:, 1:].bool()
+    expected = results["one call"]
+    for path in ("shared prefix", "buckets"):
+        logits, ref, prefix, grads = results[path]
+        torch.testing.assert_close(logits, expected[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ref[m], expected[1][m], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prefix[rows["loss_mask"].bool()], expected[2][rows["loss_mask"].bool()],
+                                   atol=1e-5, rtol=1e-5)
+        for a, b in zip(grads, expected[3]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_ppo_clip_loss_takes_per_token_advantages():
     """The extension used by token-level discriminators: [B, T] advantages at level="token"."""
     from lightning_irl.objectives.policy_gradient import ppo_clip_loss
@@ -318,6 +418,7 @@ import sys, torch, lightning as L
 torch.set_num_threads(1)
 from lightning_irl.algorithms import Adversarial, OptimizerSpec
 from lightning_irl.algorithms.adversarial import DiscriminatorTraining, PolicyUpdate
+from lightning_irl.algorithms.engine import rollout_rows
 from lightning_irl.data import DemonstrationDataModule
 from lightning_irl.metrics.evaluation import EvalConfig
 from lightning_irl.models.spec import ModelSpec
