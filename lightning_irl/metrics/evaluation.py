@@ -7,7 +7,8 @@ the module (``IRLModule``):
    (``SampleEvaluator.support_batches`` → policy forward → ``update_support``) →
    ``eval/forward_kl``, exact for the validation prompts;
 2. samples ``num_samples`` responses for each of the first ``num_prompts`` validation prompts
-   (per device) at temperature 1 with ``rollout.sample`` (log-probs recomputed under the policy)
+   (per device) at temperature 1 with ``rollout.sample`` (the policy's log-probs, from the
+   sampling pass when exact: ``SamplingConfig.logprobs_from``)
    → ``eval/reverse_kl`` (± ``eval/reverse_kl_se``), ``eval/reverse_kl_valid``,
    ``eval/invalid_mass``, mode coverage, per-mode mass, entropy, distinct-n, self-BLEU,
    response length.
