@@ -196,6 +196,20 @@ def main(args: Optional[List[str]] = None) -> None:
         sys.exit(code)
     finally:
         forget_run()
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Tear down torch.distributed before the interpreter exits: leaving gloo's threads running
+    at exit aborts the process now and then ("terminate called without an active exception",
+    status -6 instead of the run's own exit code), seen after a DDP run stopped on an error."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a broken group must not hide the run's own error
+            pass
 
 
 if __name__ == "__main__":

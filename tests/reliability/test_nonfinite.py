@@ -369,6 +369,9 @@ except NonFiniteError as error:
 finite = all(bool(torch.isfinite(p).all()) for p in module.parameters())
 json.dump({"message": message, "step": trainer.global_step, "finite": finite},
           open(f"rank{trainer.global_rank}.json", "w"))
+# as lightning_irl.cli.main does: an exit with gloo's threads still up aborts now and then
+# ("terminate called without an active exception", status -6)
+torch.distributed.destroy_process_group()
 '''
 
 
