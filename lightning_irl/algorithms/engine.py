@@ -453,12 +453,14 @@ class Engine:
             # FSDP1's precision plugin refuses norm clipping; its root-level clip_grad_norm_ would
             # clip every model together. The optimizer's own parameters hold gradient shards here.
             clip_sharded_grad_norm(optimizer, max_norm, module.trainer.strategy)
-        elif self._unscaled_norm is not None and hasattr(torch.nn.utils, "clip_grads_with_norm_") and all(
-                type(p.grad) is torch.Tensor for p in _params_with_grad(optimizer)):
+            return
+        params = _params_with_grad(optimizer)
+        if (self._unscaled_norm is not None and hasattr(torch.nn.utils, "clip_grads_with_norm_")
+                and all(type(p.grad) is torch.Tensor for p in params)):
             # Whole (single-device or DDP-reduced), unscaled gradients: the guard's norm is the
             # global norm, so clip with it instead of computing it again, as clip_grad_norm_ would
             # (and Lightning's mixed-precision clip refuses fused optimizers outright).
-            torch.nn.utils.clip_grads_with_norm_(_params_with_grad(optimizer), max_norm, self._unscaled_norm)
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, self._unscaled_norm)
         else:  # sharded DTensor gradients (FSDP2), or scaled ones (16-mixed): Lightning's clip
             module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
@@ -477,10 +479,8 @@ def clip_sharded_grad_norm(optimizer, max_norm: float, strategy) -> torch.Tensor
     sharded = str(getattr(strategy, "sharding_strategy", "")).split(".")[-1] in ("FULL_SHARD", "SHARD_GRAD_OP")
     total = (strategy.reduce(local, reduce_op="sum") if sharded and strategy.world_size > 1 else local).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if param.grad is not None:
-                param.grad.mul_(scale.to(param.grad.dtype))
+    for param in _params_with_grad(optimizer):
+        param.grad.mul_(scale.to(param.grad.dtype))
     return total
 
 
@@ -488,12 +488,8 @@ def grad_norm(optimizer) -> Optional[torch.Tensor]:
     """The 2-norm of ``optimizer``'s gradients on this rank (a sharded gradient's local shard), as
     a 0-d float32 tensor, or None when no parameter has a gradient. NaN or inf when a gradient
     is."""
-    grads = []
-    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
-        for param in group["params"]:
-            if param.grad is not None:
-                grad = param.grad.detach()
-                grads.append(grad.to_local() if hasattr(grad, "to_local") else grad)  # DTensor (FSDP2): the shard
+    grads = [p.grad.detach() for p in _params_with_grad(optimizer)]
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # DTensor (FSDP2): the shard
     if not grads:
         return None
     if hasattr(torch.nn.utils, "get_total_norm") and not any(g.dtype == torch.float16 for g in grads):

@@ -75,10 +75,10 @@ class CpuThreads(Callback):
             return
         else:
             parameters = sum(p.numel() for p in pl_module.parameters())
-            threads = choose_threads(parameters, processes=trainer.num_devices)
-            why = (f"{parameters / 1e6:.2g}M parameters, {trainer.num_devices} process(es) on "
-                   f"{available_cores()} cores with ~{busy_cores()} busy; set --threads.num_threads "
-                   "or OMP_NUM_THREADS to choose")
+            cores, busy = available_cores(), busy_cores()
+            threads = choose_threads(parameters, processes=trainer.num_devices, cores=cores, busy=busy)
+            why = (f"{parameters / 1e6:.2g}M parameters, {trainer.num_devices} process(es) on {cores} cores "
+                   f"with ~{busy} busy; set --threads.num_threads or OMP_NUM_THREADS to choose")
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         if trainer.is_global_zero:

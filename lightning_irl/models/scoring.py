@@ -416,7 +416,7 @@ _ACCEPTS_LOGITS_TO_KEEP: Dict[type, bool] = {}
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether ``model``'s forward (a PEFT wrapper's base model's) takes ``logits_to_keep``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     kind = type(base)
     if kind not in _ACCEPTS_LOGITS_TO_KEEP:
         try:
