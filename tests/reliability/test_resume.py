@@ -216,19 +216,27 @@ def kill_after(args, cwd, path, timeout=120) -> None:
     assert still_training and proc.returncode == -signal.SIGKILL
 
 
+def run_full_and_kill_a_twin(tmp_path, args, kill_at: int):
+    """Start the uninterrupted run ``full/`` in the background and a twin ``killed/`` with a checkpoint
+    after every step, SIGKILLed once ``step=<kill_at>.ckpt`` exists: (the full run's process, the
+    killed run's checkpoint folder)."""
+    periodic = ["--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1",
+                "--checkpoint.filename", "{step}"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "killed").mkdir()
+    full = subprocess.Popen([CLI, "fit", "--config", QUICKSTART, *TINY_CLI, *args], cwd=tmp_path / "full",
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "killed" / "checkpoints" / "quickstart" / "version_0"
+    kill_after([*args, *periodic], tmp_path / "killed", run_dir / f"step={kill_at}.ckpt")
+    return full, run_dir
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_through_the_console_script(tmp_path):
     """SFT on the quickstart config (bf16-mixed, 2 workers), killed with SIGKILL right after its
     step-7 checkpoint, resumed from it: the final last.ckpt equals the uninterrupted run's."""
     steps = ["--trainer.max_steps", "30", "--data.init_args.num_workers", "2"]
-    periodic = ["--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1",
-                "--checkpoint.filename", "{step}"]
-    (tmp_path / "full").mkdir()
-    (tmp_path / "killed").mkdir()
-    full = subprocess.Popen([CLI, "fit", "--config", QUICKSTART, *TINY_CLI, *steps], cwd=tmp_path / "full",
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    run_dir = tmp_path / "killed" / "checkpoints" / "quickstart" / "version_0"
-    kill_after([*steps, *periodic], tmp_path / "killed", run_dir / "step=7.ckpt")
+    full, run_dir = run_full_and_kill_a_twin(tmp_path, steps, kill_at=7)
     assert not (run_dir / "step=30.ckpt").exists()
     cli([*steps, "--ckpt_path", run_dir / "step=7.ckpt"], tmp_path / "killed")
     assert full.wait(timeout=120) == 0, full.stderr.read()[-3000:]
@@ -249,14 +257,7 @@ def test_ddp_two_processes_resume_bitwise(tmp_path):
     weights and optimizer states equal the uninterrupted 2-process run's."""
     args = ["--config", DDP, "--trainer.devices", "2", "--trainer.max_steps", "9", "--trainer.precision", "32-true",
             "--data.init_args.batch_size", "4", "--model.init_args.evaluation.enabled", "false"]
-    periodic = ["--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1",
-                "--checkpoint.filename", "{step}"]
-    (tmp_path / "full").mkdir()
-    (tmp_path / "killed").mkdir()
-    full = subprocess.Popen([CLI, "fit", "--config", QUICKSTART, *TINY_CLI, *args], cwd=tmp_path / "full",
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    run_dir = tmp_path / "killed" / "checkpoints" / "quickstart" / "version_0"
-    kill_after([*args, *periodic], tmp_path / "killed", run_dir / "step=5.ckpt")
+    full, run_dir = run_full_and_kill_a_twin(tmp_path, args, kill_at=5)
     assert 4 <= torch.load(run_dir / "last.ckpt", weights_only=False)["global_step"] < 9  # written after step=k
     cli([*args, "--ckpt_path", "last"], tmp_path / "killed", timeout=180)
     assert full.wait(timeout=180) == 0, full.stderr.read()[-3000:]

@@ -263,18 +263,11 @@ def check_checkpoint(run, strategy: str) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_torchrun_two_nodes_follow_one_process(tmp_path, one_process, strategy):
-    run = two_nodes(tmp_path, "torchrun", strategy)
-    assert_same_run(run, one_process, "TorchElasticEnvironment",
-                    {"ddp": "DDPStrategy", "fsdp2": "FSDP2Strategy"}[strategy])
-    check_checkpoint(run, strategy)
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_lightning_launch_two_nodes_follow_one_process(tmp_path, one_process, strategy):
-    run = two_nodes(tmp_path, "lightning", strategy)
-    assert_same_run(run, one_process, "LightningEnvironment",
-                    {"ddp": "DDPStrategy", "fsdp2": "FSDP2Strategy"}[strategy])
+@pytest.mark.parametrize("launcher,environment", [("torchrun", "TorchElasticEnvironment"),
+                                                  ("lightning", "LightningEnvironment")])
+def test_two_nodes_follow_one_process(tmp_path, one_process, launcher, environment, strategy):
+    run = two_nodes(tmp_path, launcher, strategy)
+    assert_same_run(run, one_process, environment, {"ddp": "DDPStrategy", "fsdp2": "FSDP2Strategy"}[strategy])
     check_checkpoint(run, strategy)
 
 
