@@ -15,7 +15,7 @@ from lightning_irl.algorithms.export import Export
 from lightning_irl.metrics.evaluation import EvalConfig, SampleEvaluator, take_prompts
 from lightning_irl.models.lora import is_peft_model, reference_context
 from lightning_irl.models.spec import ModelSpec
-from lightning_irl.objectives.logprobs import token_logprobs, token_nll_sum
+from lightning_irl.objectives.logprobs import masked_token_nll_sum, scored_token_logprobs, token_logprobs, token_nll_sum
 from lightning_irl.rollout import Rollout, SamplingConfig, sample
 from lightning_irl.strategies import require_supported_strategy
 
@@ -111,10 +111,10 @@ class PolicyModule(IRLModule):
     # ---- the SFT term, shared by SFT and every method that mixes it in -------------------
     def nll_sum(self, micro: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ response-token NLL of demonstration rows under the policy (packed rows' position ids
-        honoured): the SFT loss's sum, normalised per response token by the engine."""
-        logps = token_logprobs(self.policy, micro["input_ids"], micro["attention_mask"],
-                               position_ids=micro.get("position_ids"))
-        return token_nll_sum(logps, micro["loss_mask"][:, 1:])
+        honoured): the SFT loss's sum, normalised per response token by the engine. The output
+        head runs on the response positions only (``masked_token_nll_sum``)."""
+        return masked_token_nll_sum(self.policy, micro["input_ids"], micro["attention_mask"], micro["loss_mask"][:, 1:],
+                                    position_ids=micro.get("position_ids"))
 
     def nll_backward(self, batch: Dict[str, Any], weight: float = 1.0) -> torch.Tensor:
         """Backward of ``weight ×`` the SFT loss of ``batch``; returns this rank's share of the
@@ -129,8 +129,10 @@ class PolicyModule(IRLModule):
         self._sample_eval_start()
 
     def _nll_eval_step(self, batch: Dict[str, Any]) -> torch.Tensor:
-        logps = token_logprobs(self.policy, batch["input_ids"], batch["attention_mask"])
+        """Updates the held-out NLL; returns the shifted [B, T-1] log-probs of the response tokens
+        (0 at prompt and padding positions: every reader masks them, so they are not computed)."""
         mask = batch["loss_mask"][:, 1:]
+        logps = scored_token_logprobs(self.policy, batch["input_ids"], batch["attention_mask"], mask)
         tokens = mask.sum()
         if tokens > 0:
             self.val_nll.update(token_nll_sum(logps, mask) / tokens, weight=tokens)
@@ -195,7 +197,8 @@ class PolicyModule(IRLModule):
                 if i < len(supports):
                     rows = supports[i]
                     ids, mask = rows["input_ids"].to(self.device), rows["attention_mask"].to(self.device)
-                    evaluator.update_support(rows, token_logprobs(self.policy, ids, mask))
+                    scored = rows["loss_mask"][:, 1:].to(self.device)
+                    evaluator.update_support(rows, scored_token_logprobs(self.policy, ids, mask, scored))
                 else:  # an idle rank keeps step with the others; the result is discarded
                     token_logprobs(self.policy, batch["input_ids"][:1], batch["attention_mask"][:1])
         wanted = self.evaluation.num_prompts - self._eval_prompts
