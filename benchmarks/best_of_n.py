@@ -1,20 +1,27 @@
 """Best-of-N on the `modes` task with learned reward models, next to oracle rewards.
 
-    HF_HUB_OFFLINE=1 python benchmarks/best_of_n.py            # ~3 min on 2 CPU cores
+    HF_HUB_OFFLINE=1 python benchmarks/best_of_n.py --seed 0 --json s0.json   # ~5.5 min on 2 CPU cores
+    python benchmarks/best_of_n.py --aggregate s0.json s1.json s2.json         # mean ± sd over seeds
 
 1. Train two tiny Llamas with SFT on the task's demonstrations: the *initial* policy, a weaker
    one (``--init-steps`` steps), and the *SFT* policy, quickstart-like (``--sft-steps`` steps).
    Export both.
-2. Train a reward model per ``--pairings`` entry with ``RewardModel(preset=...)``, sampling the
-   exported policies on the fly on the training prompts:
+2. Train a reward model per ``--pairings`` entry with ``RewardModel(preset=...)`` (the classifier
+   form: a fresh tiny Llama with a score head, ``--rm-init``), and one per ``--log-ratio-pairings``
+   entry in the log-ratio form (``h = a·(log q − log p_neg) + b`` over response tokens, ``q``
+   started as a copy of the positive policy, else of the negative one; ``--log-ratio-lr``), plus
+   one per ``--mle-pairings`` entry in the log-ratio form with ``--mle-weight`` × the positive
+   rows' NLL under ``q`` (the demonstrations' for ``sft_demo``) when that is > 0. Every one samples the exported policies on the fly on the training prompts:
    - ``init_sft``: SFT samples (positive) vs initial samples (negative); target
-     ``log π_SFT(y|x) − log π_init(y|x)`` (the paper's recommended pairing);
+     ``log π_SFT(y|x) − log π_init(y|x)`` (the paper's recommended pairing; the log-ratio form
+     *starts* there: q = π_SFT, p_neg = π_init);
    - ``sft_demo``: demonstrations (positive) vs SFT samples (negative); target
-     ``log p_E(y|x) − log π_SFT(y|x)``.
+     ``log p_E(y|x) − log π_SFT(y|x)`` (the log-ratio form starts at 0: q = p_neg = π_SFT).
    No reward model ever sees the expert's probabilities.
 3. On ``--prompts`` held-out prompts, sample 16 responses per prompt from the SFT policy
    (``BestOfN.rollout``, temperature 1) and score each with
-   - ``learned <pairing>``: the reward model (``BestOfN.score_rollout``);
+   - ``learned <pairing>[ log-ratio[ +mle]]``: the reward model (``BestOfN.score_rollout``, which
+     reads the form from the exported folder);
    - ``oracle log p_E``: the task's exact expert log-probability (−inf outside its support, for a
      response cut by the length cap and for one with a special token inside);
    - ``exact <pairing> target``: the pairing's optimum computed exactly from the sampled tokens
@@ -48,7 +55,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -93,21 +100,51 @@ def train_policy(steps: int, export: str, args) -> float:
     return time.perf_counter() - start
 
 
-def train_reward_model(preset: str, init: str, sft: str, export: str, args) -> Dict[str, float]:
+def train_reward_model(variant: "Variant", init: str, sft: str, export: str, args) -> Dict[str, float]:
     L.seed_everything(args.seed)
     folder = lambda path: ModelSpec(model_name_or_path=path)  # noqa: E731  (the export holds its tokenizer)
-    classifier = folder(sft) if args.rm_init == "sft" else ModelSpec(config=dict(TINY), tokenizer="task:modes",
-                                                                     seed=args.seed)
-    module = RewardModel(classifier=classifier,
-                         preset=preset, initial_policy=folder(init), sft_policy=folder(sft),
-                         optimizer=OptimizerSpec(lr=args.rm_lr, weight_decay=0.01, warmup_steps=20, schedule="cosine"),
-                         sampling=SamplingConfig(max_new_tokens=8, num_samples=args.rm_samples), export_dir=export)
+    common = dict(preset=variant.preset, initial_policy=folder(init), sft_policy=folder(sft), export_dir=export,
+                  sampling=SamplingConfig(max_new_tokens=8, num_samples=args.rm_samples))
+    if variant.form == "log_ratio":  # q starts as a trained policy: no weight decay pulling it off its start
+        module = RewardModel(form="log_ratio", mle_weight=variant.mle_weight, bias_lr=args.bias_lr,
+                             optimizer=OptimizerSpec(lr=args.log_ratio_lr, warmup_steps=20, schedule="cosine"),
+                             **common)
+    else:
+        classifier = folder(sft) if args.rm_init == "sft" else ModelSpec(config=dict(TINY), tokenizer="task:modes",
+                                                                         seed=args.seed)
+        module = RewardModel(classifier=classifier,
+                             optimizer=OptimizerSpec(lr=args.rm_lr, weight_decay=0.01, warmup_steps=20,
+                                                     schedule="cosine"), **common)
     data = DemonstrationDataModule(task="modes", num_train=4000, num_val=128, batch_size=32, max_length=32)
     start = time.perf_counter()
     fit = trainer(args.rm_steps, val_every=args.rm_steps)
     fit.fit(module, datamodule=data)
     out = {k: float(v) for k, v in fit.callback_metrics.items() if k.startswith("val/")}
+    if variant.form == "log_ratio":
+        out.update(scale=float(module.reward_model.scale_value()), bias=float(module.reward_model.bias_value()))
     out["seconds"] = time.perf_counter() - start
+    return out
+
+
+class Variant(NamedTuple):
+    """One learned reward model: its preset, form and likelihood weight; ``name`` labels its rows."""
+
+    preset: str
+    form: str = "classifier"
+    mle_weight: float = 0.0
+
+    @property
+    def name(self) -> str:
+        if self.form == "classifier":
+            return self.preset  # the labels of the earlier tables
+        return f"{self.preset} log-ratio" + (" +mle" if self.mle_weight > 0 else "")
+
+
+def variants(args) -> List[Variant]:
+    out = [Variant(p) for p in args.pairings.split(",") if p]
+    out += [Variant(p, "log_ratio") for p in args.log_ratio_pairings.split(",") if p]
+    if args.mle_weight > 0:
+        out += [Variant(p, "log_ratio", args.mle_weight) for p in args.mle_pairings.split(",") if p]
     return out
 
 
@@ -197,6 +234,38 @@ def ranks(values: List[float]) -> List[float]:
     return out
 
 
+def aggregate(paths: List[str]) -> None:
+    """Mean ± sd over seeds (``--json`` files of single runs) of the compact table and the
+    learned-vs-exact correlations. Files of one seed are merged (runs of other ``--pairings`` on
+    the same seed share the policies and the candidates: everything is seeded)."""
+    by_seed: Dict[int, Dict] = {}
+    for path in paths:
+        with open(path) as handle:
+            run = json.load(handle)
+        merged = by_seed.setdefault(run["args"]["seed"], {"table": {}, "correlation": {}, "valid_vs_invalid_auroc": {}})
+        for part in merged:
+            merged[part].update(run[part])
+    runs = list(by_seed.values())
+    seeds = list(by_seed)
+    print(f"{len(runs)} runs (seeds {seeds}); mean ± sd over them")
+
+    def stat(values: List[float], digits: int) -> str:
+        mean = sum(values) / len(values)
+        sd = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+        return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+    for name in runs[0]["correlation"]:
+        print(f"{name}: learned vs exact Pearson {stat([r['correlation'][name]['pearson'] for r in runs], 3)}; "
+              f"valid-vs-invalid AUROC {stat([r['valid_vs_invalid_auroc']['learned ' + name] for r in runs], 3)}")
+    print("\ninvalid / reverse KL ≤ of the Best-of-N policy:")
+    print("| reward | " + " | ".join(f"N={n}" for n in NS) + " |")
+    print("|---|" + "---|" * len(NS))
+    for key in runs[0]["table"]:
+        cells = [f"{stat([r['table'][key][str(n)]['invalid'] for r in runs], 3)} / "
+                 f"{stat([r['table'][key][str(n)]['reverse_kl_bound'] for r in runs], 2)}" for n in NS]
+        print(f"| {key} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft-steps", type=int, default=750, help="SFT policy steps (quickstart: 750)")
@@ -208,12 +277,26 @@ def main() -> None:
                         help="classifier backbone: a fresh tiny Llama, or the SFT policy's (fresh score head)")
     parser.add_argument("--rm-lr", type=float, default=3e-3, help="reward model peak learning rate")
     parser.add_argument("--rm-samples", type=int, default=2, help="samples per prompt per policy per step")
+    parser.add_argument("--log-ratio-pairings", default="init_sft,sft_demo",
+                        help="comma-separated presets also trained in the log-ratio form ('' = none)")
+    parser.add_argument("--log-ratio-lr", type=float, default=1e-3, help="peak learning rate of the log-ratio q")
+    parser.add_argument("--bias-lr", type=float, default=1e-2, help="learning rate of the log-ratio a and b")
+    parser.add_argument("--mle-weight", type=float, default=1.0,
+                        help="also train the --mle-pairings in the log-ratio form with this x the positive rows' NLL "
+                             "under q (0 = none)")
+    parser.add_argument("--mle-pairings", default="init_sft,sft_demo",
+                        help="comma-separated presets also trained log-ratio + mle ('' = none)")
     parser.add_argument("--prompts", type=int, default=256, help="held-out prompts (16 samples each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models: 1)")
     parser.add_argument("--workdir", default=None, help="keep the exported models here (default: temporary)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--aggregate", nargs="+", default=None, metavar="JSON",
+                        help="train nothing: print the mean ± sd over these --json files of earlier runs (seeds)")
     args = parser.parse_args()
+    if args.aggregate:
+        aggregate(args.aggregate)
+        return
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -224,22 +307,25 @@ def main() -> None:
     init, sft = os.path.join(workdir, "init"), os.path.join(workdir, "sft")
     start = time.perf_counter()
     timing = {"init": train_policy(args.init_steps, init, args), "sft": train_policy(args.sft_steps, sft, args)}
-    pairings = [p for p in args.pairings.split(",") if p]
+    learned = variants(args)
     reward_models, rm_metrics = {}, {}
-    for pairing in pairings:
-        reward_models[pairing] = os.path.join(workdir, f"reward_model_{pairing}")
-        rm_metrics[pairing] = train_reward_model(pairing, init, sft, reward_models[pairing], args)
-        timing[f"rm {pairing}"] = rm_metrics[pairing].pop("seconds")
+    for variant in learned:
+        name = variant.name
+        reward_models[name] = os.path.join(workdir, "reward_model_" + name.replace(" ", "_").replace("+", ""))
+        rm_metrics[name] = train_reward_model(variant, init, sft, reward_models[name], args)
+        timing[f"rm {name}"] = rm_metrics[name].pop("seconds")
     rows = candidates(init, sft, reward_models, args)
     every = [c for r in rows for c in r["candidates"]]
-    keys = [f"learned {p}" for p in pairings] + ["oracle"] + [f"exact {p}" for p in pairings]
+    presets = sorted({v.preset for v in learned}, key=["init_sft", "sft_demo", "init_demo"].index)
+    keys = [f"learned {v.name}" for v in learned] + ["oracle"] + [f"exact {p}" for p in presets]
     table = {key: {n: summarise(select(rows, n, key), weights, n) for n in NS} for key in keys}
     corr = {}
-    for pairing in pairings:
-        pairs = [(c["scores"][f"learned {pairing}"], c["scores"][f"exact {pairing}"]) for c in every
-                 if math.isfinite(c["scores"][f"exact {pairing}"])]
+    for variant in learned:
+        exact = f"exact {variant.preset}"
+        pairs = [(c["scores"][f"learned {variant.name}"], c["scores"][exact]) for c in every
+                 if math.isfinite(c["scores"][exact])]
         xs, ys = [a for a, _ in pairs], [b for _, b in pairs]
-        corr[pairing] = {"pearson": pearson(xs, ys), "spearman": pearson(ranks(xs), ranks(ys)), "count": len(xs)}
+        corr[variant.name] = {"pearson": pearson(xs, ys), "spearman": pearson(ranks(xs), ranks(ys)), "count": len(xs)}
     valid = [c for c in every if math.isfinite(c["log_pe"])]
     is_valid = torch.tensor([int(math.isfinite(c["log_pe"])) for c in every])
     separation = {key: float(binary_auroc(torch.tensor([c["scores"][key] for c in every]).nan_to_num(
@@ -248,10 +334,10 @@ def main() -> None:
 
     print(f"\nmodes task, {args.prompts} held-out prompts x 16 SFT samples ({len(valid) / len(every):.3f} valid); "
           f"initial = SFT after {args.init_steps} steps, SFT = {args.sft_steps} steps; reward models: "
-          f"{args.rm_steps} steps, classifier {args.rm_init}")
-    for pairing in pairings:
-        c = corr[pairing]
-        print(f"{pairing}: held-out " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(rm_metrics[pairing].items()))
+          f"{args.rm_steps} steps, classifier {args.rm_init} (lr {args.rm_lr:g}), log-ratio q lr "
+          f"{args.log_ratio_lr:g}, a/b lr {args.bias_lr:g}; seed {args.seed}")
+    for name, c in corr.items():
+        print(f"{name}: held-out " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(rm_metrics[name].items()))
               + f"; learned vs exact target over {c['count']} candidates with a finite target: "
               f"Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f}")
     print("how well each reward ranks the SFT's valid samples above its invalid ones (AUROC over all "
@@ -265,6 +351,12 @@ def main() -> None:
             print(f"| {key} | {n} | {m['reverse_kl_bound']:.3f} | {m['reverse_kl_se']:.3f} | "
                   f"{m['log_pe_smoothed']:.3f} | {m['valid_log_pe']:.3f} | {m['invalid']:.3f} | "
                   f"{m['copy']:.3f} | {m['reverse']:.3f} | {m['sort']:.3f} | {m['coverage']:.2f} |")
+    print("\ninvalid / reverse KL ≤ of the Best-of-N policy (the README's table):")
+    print("| reward | " + " | ".join(f"N={n}" for n in NS) + " |")
+    print("|---|" + "---|" * len(NS))
+    for key, by_n in table.items():
+        print(f"| {key} | " + " | ".join(f"{m['invalid']:.3f} / {m['reverse_kl_bound']:.2f}" for m in by_n.values())
+              + " |")
     print(f"\nexpert mode weights: copy {weights['copy']:.1f}, reverse {weights['reverse']:.1f}, "
           f"sort {weights['sort']:.1f}; seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items()))
     if args.json:

@@ -14,8 +14,9 @@ side is drawn independently of the batch (shuffled, cycled); if its prompts are 
 differently from the other side's, the classifier can tell the sides apart by the prompt alone.
 
 The runtime classes (``DemonstrationSide``, ``PolicySide``, ``FileSide``) turn a data-module batch
-into a ``SideBatch``: token ids and attention mask of whole sequences (prompt + response) in the
-classifier's tokenizer, with any padding side, plus the texts.
+into a ``SideBatch``: token ids, attention mask and loss mask (the response tokens, EOS included)
+of whole sequences (prompt + response) in the reward model's tokenizer, with any padding side,
+plus the texts. The log-ratio reward model sums token log-probs over the loss mask only.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from lightning_irl.data.collate import pad_sequences
+from lightning_irl.data.collate import pad_rows, pad_sequences
 from lightning_irl.data.encode import EncodeStats, encode_record, encode_records
 from lightning_irl.data.records import DataError, load_records, validate_records
 from lightning_irl.models.spec import ModelSpec
@@ -103,12 +104,21 @@ class SampleSource:
 
 @dataclass
 class SideBatch:
-    """Whole sequences of one side: ``input_ids``/``attention_mask`` [N, T] (any padding side)."""
+    """Whole sequences of one side: ``input_ids``/``attention_mask``/``loss_mask`` [N, T] (any
+    padding side; ``loss_mask`` marks the response tokens, EOS included)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     prompts: List[str]
     responses: List[str]
+    loss_mask: Optional[torch.Tensor] = None
+
+    def rows(self, device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
+        """The aligned row tensors (``input_ids``, ``attention_mask``, ``loss_mask`` when known)."""
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.loss_mask is not None:
+            out["loss_mask"] = self.loss_mask
+        return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
     def __len__(self) -> int:
         return self.input_ids.size(0)
@@ -118,22 +128,25 @@ class SideBatch:
 def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
                  finished: Optional[Sequence[bool]] = None, max_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """(prompt, response) texts → right-padded ids encoded as demonstrations are (prompt tokens,
-    response tokens, EOS). ``finished[i] = False`` leaves the EOS off (a response cut at the
-    length cap). An empty response is the prompt followed by EOS alone."""
-    rows = []
+    response tokens, EOS), with the ``loss_mask`` of the response tokens. ``finished[i] = False``
+    leaves the EOS off (a response cut at the length cap). An empty response is the prompt
+    followed by EOS alone (the EOS its one response token)."""
+    rows, masks = [], []
     stats = EncodeStats()
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         example = encode_record({"prompt": prompt, "response": response, "where": f"pair {i}"}, tokenizer,
                                 max_length, None, "truncate", stats) if response.strip() else None
         if example is None:  # empty response: prompt + EOS
-            ids = encode_record({"prompt": prompt, "where": f"pair {i}"}, tokenizer, None, None, "truncate",
-                                stats)["input_ids"] + [tokenizer.eos_token_id]
+            prompt_ids = encode_record({"prompt": prompt, "where": f"pair {i}"}, tokenizer, None, None, "truncate",
+                                       stats)["input_ids"]
+            ids, mask = prompt_ids + [tokenizer.eos_token_id], [0] * len(prompt_ids) + [1]
         else:
-            ids = example["input_ids"]
+            ids, mask = example["input_ids"], example["loss_mask"]
         if finished is not None and not finished[i] and ids and ids[-1] == tokenizer.eos_token_id:
-            ids = ids[:-1]
+            ids, mask = ids[:-1], mask[:-1]
         rows.append(ids)
-    return pad_sequences(rows, tokenizer.pad_token_id)
+        masks.append(mask)
+    return {**pad_sequences(rows, tokenizer.pad_token_id), "loss_mask": pad_rows(masks, 0)}
 
 
 def same_vocabulary(a, b) -> bool:
@@ -168,7 +181,8 @@ class DemonstrationSide(Side):
         self.source = source
 
     def draw(self, batch: Dict[str, Any], stage: str) -> SideBatch:
-        return SideBatch(batch["input_ids"], batch["attention_mask"], list(batch["prompt"]), list(batch["response"]))
+        return SideBatch(batch["input_ids"], batch["attention_mask"], list(batch["prompt"]), list(batch["response"]),
+                         batch.get("loss_mask"))
 
 
 class PolicySide(Side):
@@ -195,10 +209,10 @@ class PolicySide(Side):
         k = self.sampling.num_samples
         prompts = [p for p in batch["prompt"] for _ in range(k)]
         if not self.retokenize:
-            return SideBatch(rollout.input_ids, rollout.attention_mask, prompts, rollout.responses)
+            return SideBatch(rollout.input_ids, rollout.attention_mask, prompts, rollout.responses, rollout.loss_mask)
         encoded = encode_pairs(self.tokenizer, prompts, rollout.responses, rollout.finished.tolist())
         return SideBatch(encoded["input_ids"].to(device), encoded["attention_mask"].to(device), prompts,
-                         rollout.responses)
+                         rollout.responses, encoded["loss_mask"].to(device))
 
 
 class FileSide(Side):
@@ -243,7 +257,8 @@ class FileSide(Side):
     def _collate(self, examples, device) -> SideBatch:
         padded = pad_sequences([e["input_ids"] for e in examples], self.tokenizer.pad_token_id)
         return SideBatch(padded["input_ids"].to(device), padded["attention_mask"].to(device),
-                         [e["prompt"] for e in examples], [e["response"] for e in examples])
+                         [e["prompt"] for e in examples], [e["response"] for e in examples],
+                         pad_rows([e["loss_mask"] for e in examples], 0).to(device))
 
     def start(self, stage: str) -> None:
         self._eval_cursor = 0

@@ -5,11 +5,15 @@
 - ``log_ratio``: ``h = log q_φ(y|x) − log π(y|x) + b`` with ``q_φ`` a causal LM (started from the
   policy) and ``b`` a scalar (``LogRatioDiscriminator``; the math is
   ``objectives.divergences.log_ratio_prefix_logits``).
+
+The reward model's log-ratio form (``algorithms.reward_model.RewardModel(form="log_ratio")``)
+reuses ``LogRatioDiscriminator`` with a *fixed* frozen reference in place of the policy
+(``log_ratio_rewards``; ``LogRatioReward`` bundles both for scoring).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -98,5 +102,41 @@ class LogRatioDiscriminator(torch.nn.Module):
                 "reward": "scale * (log q(y|x) - log pi(y|x)) + bias, q = the causal LM in this folder"}
 
 
-__all__ = ["LOG_RATIO_FILE", "LogRatioDiscriminator", "build_discriminator", "last_token_index", "prefix_logits",
-           "score_head", "sequence_logits"]
+def log_ratio_rewards(discriminator: LogRatioDiscriminator, reference: torch.nn.Module, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, loss_mask: Optional[torch.Tensor]
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sequence rewards ``a·Σ_response (log q − log p_ref)(y_t) + b`` [B] float32 of whole rows (any
+    padding side), and ``q``'s shifted response-token log-probs [B, T−1] (for a likelihood term).
+
+    ``p_ref`` is a frozen causal LM reading the same ids (no gradient reaches it); the sums run
+    over the ``loss_mask`` tokens only (the response, EOS included), so prompt tokens, which both
+    models score but which say nothing about the response, never enter the reward. The value is
+    the last real token's prefix logit of ``LogRatioDiscriminator``.
+    """
+    if loss_mask is None:
+        raise ValueError("the log-ratio reward sums log q − log p_ref over the response tokens only: it needs the "
+                         "rows' loss_mask (response tokens, EOS included)")
+    with torch.no_grad():
+        reference_logps = response_token_logprobs(reference, input_ids, attention_mask, loss_mask)
+    h, q_logps = discriminator(input_ids, attention_mask, reference_logps, loss_mask)
+    rows = torch.arange(h.size(0), device=h.device)
+    return h[rows, last_token_index(attention_mask)], q_logps
+
+
+class LogRatioReward(torch.nn.Module):
+    """A log-ratio reward model ready to score: ``LogRatioDiscriminator`` (``q``, ``a``, ``b``) and
+    its frozen reference ``p_ref``; ``forward(input_ids, attention_mask, loss_mask)`` gives
+    ``a·(log q(y|x) − log p_ref(y|x)) + b`` [B] (``log_ratio_rewards``). What
+    ``algorithms.reward_model.load_reward_model`` builds from a log-ratio export."""
+
+    def __init__(self, discriminator: LogRatioDiscriminator, reference: torch.nn.Module) -> None:
+        super().__init__()
+        self.discriminator = discriminator
+        self.reference = reference
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        return log_ratio_rewards(self.discriminator, self.reference, input_ids, attention_mask, loss_mask)[0]
+
+
+__all__ = ["LOG_RATIO_FILE", "LogRatioDiscriminator", "LogRatioReward", "build_discriminator", "last_token_index",
+           "log_ratio_rewards", "prefix_logits", "score_head", "sequence_logits"]
