@@ -69,7 +69,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-METHODS = ("SFT start", "SFT", "AIRL", "GAIL", "AIRL-LR", "GAIL-LR", "AIRL*", "GAIL*")
+METHODS = ("SFT start", "SFT", "SFT-long", "AIRL", "GAIL", "AIRL-LR", "GAIL-LR", "AIRL*", "GAIL*")
 FIDELITY = ("gap_closed_warmup", "gap_closed", "corr_exact", "auroc_invalid")
 METRICS = ("forward_kl", "reverse_kl", "valid_reverse_kl", "invalid_mass", "coverage", "mass_copy", "mass_reverse",
            "mass_sort")
@@ -95,13 +95,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="policy lr of the continuations (SFT, AIRL, GAIL)")
     p.add_argument("--disc-lr", type=float, default=1e-3, help="classifier discriminator lr")
     p.add_argument("--disc-steps", type=int, default=1, help="classifier discriminator steps per batch")
-    p.add_argument("--lr-disc-lr", type=float, default=1e-3, help="log-ratio discriminator (q) lr")
+    p.add_argument("--lr-disc-lr", type=float, default=1e-4, help="log-ratio discriminator (q) lr after the pre-fit")
     p.add_argument("--lr-disc-steps", type=int, default=4, help="log-ratio discriminator steps per batch")
-    p.add_argument("--disc-warmup", type=int, default=400,
+    p.add_argument("--disc-prefit", type=int, default=1800,
+                   help="log-ratio runs: batches fitting q by maximum likelihood alone first (no rollouts)")
+    p.add_argument("--disc-prefit-lr", type=float, default=3e-3, help="log-ratio runs: peak lr of the pre-fit (cosine)")
+    p.add_argument("--disc-warmup", type=int, default=200,
                    help="log-ratio runs: discriminator-only batches before the policy moves (extra to --steps)")
     p.add_argument("--disc-mle-weight", type=float, default=1.0,
                    help="log-ratio runs: weight of the demonstrations' NLL under q in the discriminator loss")
-    p.add_argument("--disc-warmup-fit", choices=["bce", "mle"], default="mle",
+    p.add_argument("--disc-warmup-fit", choices=["bce", "mle"], default="bce",
                    help="log-ratio warm-up: q by BCE (+ NLL), or q by NLL only and b by BCE")
     p.add_argument("--disc-bias-lr", type=float, default=1e-2, help="log-ratio runs: learning rate of a and b")
     p.add_argument("--num-samples", type=int, default=4)
@@ -124,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.seeds = args.seeds[:1]
         args.eval_prompts = min(args.eval_prompts, 128)
-        args.methods = [m for m in args.methods if m in ("SFT", "AIRL-LR", "GAIL-LR", "AIRL*")]
+        args.methods = [m for m in args.methods if m in ("SFT", "SFT-long", "AIRL-LR", "GAIL-LR", "AIRL*")]
     if args.plot is None:
         args.plot = f"benchmarks/divergence_lab_{args.task}.png"
     return args
@@ -398,7 +401,9 @@ def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Dict[str, float]]
         for name in args.methods:
             L.seed_everything(1_000 + seed, verbose=False)
             steps, callbacks = args.steps, []
-            if name == "SFT":
+            if name == "SFT-long":  # as many demonstration batches as a log-ratio run consumes
+                steps += args.disc_prefit + args.disc_warmup
+            if name in ("SFT", "SFT-long"):
                 module = SFT(policy=policy, optimizer=continuation, sampling=sampling, evaluation=no_eval, export=False)
             else:
                 base = name.rstrip("*").replace("-LR", "")
@@ -413,13 +418,16 @@ def run_seed(args: argparse.Namespace, seed: int) -> Dict[str, Dict[str, float]]
                 elif name.endswith("-LR"):
                     # q starts as the SFT start (discriminator=None: a copy of the policy)
                     training = DiscriminatorTraining(
-                        form="log_ratio", warmup_steps=args.disc_warmup, mle_weight=args.disc_mle_weight,
+                        form="log_ratio", prefit_steps=args.disc_prefit, warmup_steps=args.disc_warmup,
+                        prefit_optimizer=OptimizerSpec(lr=args.disc_prefit_lr, weight_decay=0.01, warmup_steps=20,
+                                                       schedule="cosine"),
+                        mle_weight=args.disc_mle_weight,
                         steps=args.lr_disc_steps, warmup_fit=args.disc_warmup_fit, bias_lr=args.disc_bias_lr,
                         optimizer=OptimizerSpec(lr=args.lr_disc_lr, schedule="constant"), **disc)
                     module = Adversarial(discriminator_training=training, **common)
-                    steps += args.disc_warmup
-                    if args.disc_warmup:
-                        callbacks.append(_WarmupProbe(args.disc_warmup, grade))
+                    steps += args.disc_prefit + args.disc_warmup
+                    if args.disc_prefit + args.disc_warmup:
+                        callbacks.append(_WarmupProbe(args.disc_prefit + args.disc_warmup, grade))
                 else:
                     discriminator = policy if args.disc_init == "start" else \
                         _llama(args.hidden, args.layers, 100 + seed, args.task, args.max_length)
@@ -476,7 +484,7 @@ def plot(table, path: str, title: str, mode_names, expert_mass) -> None:
     shown = ("forward_kl", "reverse_kl", "invalid_mass", "coverage")
     methods = list(table)
     fig, axes = plt.subplots(1, len(shown) + 1, figsize=(4 * (len(shown) + 1), 3.6))
-    palette = {"SFT start": "#999999", "SFT": "#1f77b4", "AIRL": "#d62728", "GAIL": "#2ca02c", "AIRL-LR": "#8c1010",
+    palette = {"SFT start": "#999999", "SFT": "#1f77b4", "SFT-long": "#17becf", "AIRL": "#d62728", "GAIL": "#2ca02c", "AIRL-LR": "#8c1010",
                "GAIL-LR": "#0b5d1e",
                "AIRL*": "#ff9896", "GAIL*": "#98df8a"}
     colors = [palette.get(m, "#333333") for m in methods]
@@ -538,8 +546,8 @@ def main(argv=None) -> None:
     if args.plot:
         title = (f"{args.task} task {args.task_args or ''}, Llama h={args.hidden} L={args.layers}; SFT start "
                  f"{args.start_steps} steps, then {args.steps} policy steps each (batch {args.batch_size}, "
-                 f"k={args.num_samples}, β={args.kl_coef}; -LR: log-ratio discriminator, {args.disc_warmup} warm-up "
-                 f"batches); seeds {args.seeds}; * = exact logit log p_E − log π")
+                 f"k={args.num_samples}, β={args.kl_coef}; -LR: log-ratio discriminator, {args.disc_prefit} pre-fit + "
+                 f"{args.disc_warmup} warm-up batches; SFT-long: as many SFT batches); seeds {args.seeds}; * = exact logit log p_E − log π")
         plot(table, args.plot, title, mode_names, expert_mass)
         print(f"plot: {args.plot}")
 

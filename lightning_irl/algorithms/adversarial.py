@@ -22,8 +22,10 @@ those of the RL step under ``policy_update`` (``PolicyUpdate``).
 
    With ``form: log_ratio`` the logit is ``h = a·(log q_φ − log π_θ) + b`` (``π_θ`` the current
    policy, without gradient; ``q_φ`` a causal LM; ``a``, ``b`` scalars), trained by the same BCE
-   (+ ``mle_weight`` × the demonstrations' NLL under ``q_φ``). The first ``warmup_steps`` batches
-   run only this step (see ``in_warmup``).
+   (+ ``mle_weight`` × the demonstrations' NLL under ``q_φ``). Before the policy moves: the first
+   ``prefit_steps`` batches fit ``q_φ`` by maximum likelihood on the demonstrations alone (no
+   rollouts: as cheap as SFT steps; see ``in_prefit``), the next ``warmup_steps`` batches run only
+   this discriminator step (see ``in_warmup``).
 3. **Rewards** from the *updated* discriminator on the rollouts, ``g = divergence_reward(divergence,
    h, logit_clip)``:
 
@@ -182,10 +184,21 @@ class DiscriminatorTraining:
             prefix, per-token rewards ``g(h_t) − g(h_{t−1})``, reward-to-go).
         steps: Discriminator optimizer steps per training batch (on the same batch).
         optimizer: Optimizer and schedule of the discriminator.
-        warmup_steps: The first N training batches train only the discriminator, on the start
-            policy's samples (the policy does not move, its lr schedule does not advance).
-            ``trainer.max_steps`` counts them. The warm-up state is ``global_step``: checkpoints
-            and resume carry it.
+        prefit_steps: Log-ratio form: the first N training batches fit ``q`` by maximum likelihood
+            on the demonstrations alone, one ``prefit_optimizer`` step per batch, with no rollouts
+            (the policy does not move). Then ``q`` is a better language model of the expert than
+            the start policy, and ``log q − log π`` already points where the BCE's optimum
+            ``log d_E − log π`` does, so the warm-up only has to calibrate and sharpen it; started
+            from ``q = π``, the BCE alone stays near chance on held-out data (README, divergence
+            lab). ``trainer.max_steps`` counts these batches; the state is ``global_step``. The
+            pre-fit optimizer's state is freed when the pre-fit ends.
+        prefit_optimizer: Optimizer and schedule of the pre-fit (its schedule spans
+            ``prefit_steps``): SFT-like, a decaying learning rate, so ``q`` ends converged
+            rather than noisy.
+        warmup_steps: The next N training batches (after the pre-fit) train only the
+            discriminator, on the start policy's samples (the policy does not move, its lr
+            schedule does not advance). ``trainer.max_steps`` counts them. The warm-up state is
+            ``global_step``: checkpoints and resume carry it.
         warmup_fit: ``mle`` (log-ratio form): during the warm-up ``q`` is fitted by maximum
             likelihood on the demonstrations only (weight ``mle_weight``) and ``a``, ``b`` by the
             BCE; ``bce``: everything by the BCE (+ the likelihood term) from the start.
@@ -205,6 +218,9 @@ class DiscriminatorTraining:
     level: Literal["sequence", "token"] = "sequence"
     steps: int = 1
     optimizer: OptimizerSpec = dataclasses.field(default_factory=OptimizerSpec)
+    prefit_steps: int = 0
+    prefit_optimizer: OptimizerSpec = dataclasses.field(
+        default_factory=lambda: OptimizerSpec(lr=3e-3, weight_decay=0.01, warmup_steps=20, schedule="cosine"))
     warmup_steps: int = 0
     warmup_fit: Literal["bce", "mle"] = "bce"
     mle_weight: float = 0.0
@@ -222,17 +238,18 @@ class DiscriminatorTraining:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.logit_clip is not None and self.logit_clip <= 0:
             raise ValueError(f"logit_clip must be positive or null, got {self.logit_clip}")
-        for name in ("warmup_steps", "mle_weight", "bias_lr", "r1_gamma"):
+        for name in ("prefit_steps", "warmup_steps", "mle_weight", "bias_lr", "r1_gamma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"discriminator_training.{name} must be >= 0, got {getattr(self, name)}")
         if self.form == "log_ratio" and self.r1_gamma > 0:
             raise ValueError("r1_gamma applies to the classifier discriminator only (the log-ratio form reads "
                              "token log-probs, not a head on embeddings); set r1_gamma: 0")
-        if self.form == "classifier" and (self.mle_weight > 0 or self.warmup_fit == "mle"):
+        if self.form == "classifier" and (self.mle_weight > 0 or self.warmup_fit == "mle" or self.prefit_steps > 0):
             # one flag switches a log-ratio config to the classifier: its q-only settings go quiet
-            log.warning("discriminator_training.form=classifier: mle_weight and warmup_fit=mle apply to the "
-                        "log-ratio form only and are ignored (the warm-up trains the classifier by BCE)")
-            self.mle_weight, self.warmup_fit = 0.0, "bce"
+            log.warning("discriminator_training.form=classifier: mle_weight, warmup_fit=mle and prefit_steps apply "
+                        "to the log-ratio form only and are ignored (the warm-up trains the classifier by BCE; "
+                        "without a pre-fit, trainer.max_steps leaves %d more policy batches)", self.prefit_steps)
+            self.mle_weight, self.warmup_fit, self.prefit_steps = 0.0, "bce", 0
         if self.warmup_fit == "mle" and self.mle_weight <= 0:
             raise ValueError("warmup_fit=mle fits q by maximum likelihood during the warm-up: it needs "
                              "mle_weight > 0")
@@ -374,7 +391,12 @@ class Adversarial(PolicyModule):
         own = {"bias": self.disc.bias_lr, "scale": self.disc.bias_lr} if self.disc.form == "log_ratio" else None
         disc_opt, disc_sched = build_optimizer(self.discriminator, self.disc.optimizer, total, own_lr=own,
                                                precision=precision)
-        return [policy_opt, disc_opt], [policy_sched, disc_sched]
+        if self.disc.prefit_steps == 0:
+            return [policy_opt, disc_opt], [policy_sched, disc_sched]
+        # q alone (not a, b: the likelihood does not involve them), its schedule over the pre-fit
+        prefit_opt, prefit_sched = build_optimizer(self.discriminator.q, self.disc.prefit_optimizer,
+                                                   self.disc.prefit_steps, precision=precision)
+        return [policy_opt, disc_opt, prefit_opt], [policy_sched, disc_sched, prefit_sched]
 
     # ---- discriminator -----------------------------------------------------------------
     def _units(self, rows: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -387,7 +409,7 @@ class Adversarial(PolicyModule):
         """(prefix logits [B, T], q's shifted token log-probs [B, T−1]) of the log-ratio form;
         ``rows["policy_logps"]`` holds log π of the same tokens (shifted)."""
         calibrate_only = self.disc.warmup_fit == "mle" and self.training and attached_trainer(self) is not None \
-            and self.in_warmup()
+            and self.in_warmup() and not self.in_prefit()
         return self.discriminator(rows["input_ids"], rows["attention_mask"], rows["policy_logps"], rows["loss_mask"],
                                   calibrate_only=calibrate_only)
 
@@ -564,15 +586,41 @@ class Adversarial(PolicyModule):
         discriminator's ``log π`` term for demonstrations), [N, T−1]."""
         return self._shifted_logprobs(rows, self.policy)
 
+    def in_prefit(self) -> bool:
+        """The first ``prefit_steps`` training batches fit ``q`` by maximum likelihood only."""
+        return self.trainer.global_step < self.disc.prefit_steps
+
     def in_warmup(self) -> bool:
-        """The first ``disc_warmup_steps`` training batches train only the discriminator, on the
-        start policy's samples; the state is ``global_step``, so a resumed run continues it."""
-        return self.trainer.global_step < self.disc.warmup_steps
+        """The first ``prefit_steps + warmup_steps`` training batches train only the discriminator
+        (the pre-fit, then the warm-up on the start policy's samples); the state is
+        ``global_step``, so a resumed run continues it."""
+        return self.trainer.global_step < self.disc.prefit_steps + self.disc.warmup_steps
+
+    def prefit_step(self, batch: Dict[str, Any]) -> None:
+        """One maximum-likelihood step of ``q`` on the batch's demonstrations (no rollout)."""
+        prefit_opt, prefit_sched = self.optimizers()[2], self.lr_schedulers()[2]
+
+        def nll(micro):
+            # through the discriminator's own forward (FSDP2 gathers its parameters there); the
+            # policy log-probs only shape h, which this step does not use
+            no_policy = micro["input_ids"].new_zeros(micro["input_ids"].shape, dtype=torch.float32)[:, 1:]
+            q_logps = self.discriminator(micro["input_ids"], micro["attention_mask"], no_policy, micro["loss_mask"],
+                                         calibrate_only=True)[1]
+            return {"nll": token_nll_sum(q_logps, micro["loss_mask"][:, 1:])}
+
+        shares = self.engine.backward(sequence_rows(batch), nll, {"nll": response_tokens}, self.micro_batch_size)
+        self.step(prefit_opt, prefit_sched, counted=True)
+        self.log("disc/prefit_nll", shares["nll"], prog_bar=True, sync_dist=True, reduce_fx="sum")
+        if self.trainer.global_step == self.disc.prefit_steps:  # done: its Adam moments are dead weight
+            prefit_opt.optimizer.state.clear()
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
-        policy_opt, disc_opt = self.optimizers()
-        policy_sched, disc_sched = self.lr_schedulers()
+        policy_opt, disc_opt = self.optimizers()[:2]
+        policy_sched, disc_sched = self.lr_schedulers()[:2]
         self.count_tokens(batch)
+        if self.in_prefit():
+            self.prefit_step(batch)
+            return
 
         # 1. rollout
         start = time.perf_counter()

@@ -59,11 +59,12 @@ def _trainer(max_steps, callbacks=(), **kwargs):
 @pytest.mark.slow
 def test_airl_config_runs_in_process_and_logs_its_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY,
+    cli = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "3", *TINY,
+                     "--model.init_args.discriminator_training.prefit_steps", "1",
                      "--model.init_args.discriminator_training.warmup_steps", "1"])
-    assert cli.trainer.global_step == 2
+    assert cli.trainer.global_step == 3  # a pre-fit batch, a warm-up batch, a policy batch
     logged = set(cli.trainer.callback_metrics)
-    for name in ("disc/loss", "disc/acc_expert", "disc/acc_policy", "reward/mean", "reward/std", "kl/ref",
+    for name in ("disc/prefit_nll", "disc/loss", "disc/acc_expert", "disc/acc_policy", "reward/mean", "reward/std", "kl/ref",
                  "policy/loss", "policy/entropy", "val/loss"):
         assert name in logged, (name, sorted(logged))
     run = tmp_path / "checkpoints" / "airl" / "version_0"
@@ -125,6 +126,7 @@ def test_resume_restores_models_both_optimizers_and_the_step_count(tmp_path, mon
     extra = ["--model.init_args.policy_update.loss", "ppo", "--model.init_args.policy_update.ppo_epochs", "2",
              "--model.init_args.policy_update.ppo_minibatches", "2",
              "--model.init_args.discriminator_training.steps", "2",
+             "--model.init_args.discriminator_training.prefit_steps", "0",
              "--model.init_args.discriminator_training.warmup_steps", "0",
              "--model.init_args.evaluation.enabled", "false", "--model.init_args.export", "false"]
     first = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY, *extra])

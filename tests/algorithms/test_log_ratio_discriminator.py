@@ -121,11 +121,48 @@ def test_discriminator_step_learns_and_the_mle_term_raises_q_on_demonstrations(t
     assert float(expert_h.mean()) > float(policy_h.mean())
 
 
+def test_prefit_is_sft_of_q_on_the_demonstrations_without_rollouts(tiny_spec, monkeypatch):
+    """N pre-fit batches = N SFT steps of q (same start, data, optimizer and schedule), computed
+    independently by the SFT module; the policy, a and b stay put and nothing is sampled."""
+    from lightning_irl.algorithms import SFT, OptimizerSpec
+    from lightning_irl.data import DemonstrationDataModule
+
+    steps, spec = 4, OptimizerSpec(lr=3e-3, weight_decay=0.01, warmup_steps=1, schedule="cosine")
+
+    def data():
+        return DemonstrationDataModule(task="modes", num_train=16, num_val=0, batch_size=4, task_seed=0)
+
+    def fit(module):
+        L.seed_everything(0, verbose=False)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(module, datamodule=data())
+        return trainer
+
+    sft = SFT(policy=tiny_spec, optimizer=spec, evaluation=EvalConfig(enabled=False), export=False)
+    fit(sft)
+    adversarial = Adversarial(policy=tiny_spec, discriminator_training=DiscriminatorTraining(
+        form="log_ratio", prefit_steps=steps, prefit_optimizer=spec, warmup_steps=2),
+        sampling=SamplingConfig(max_new_tokens=4, num_samples=2), evaluation=EvalConfig(enabled=False), export=False)
+    monkeypatch.setattr(Adversarial, "rollout", lambda *a, **k: pytest.fail("the pre-fit sampled a rollout"))
+    trainer = fit(adversarial)
+    assert trainer.global_step == steps and adversarial.in_warmup() and not adversarial.in_prefit()
+    for key, value in sft.policy.state_dict().items():
+        torch.testing.assert_close(adversarial.discriminator.q.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    for key, value in adversarial.reference.state_dict().items():
+        torch.testing.assert_close(adversarial.policy.state_dict()[key], value, rtol=0, atol=0)
+    assert float(adversarial.discriminator.bias_value()) == 0.0 and float(adversarial.discriminator.scale_value()) == 1.0
+    assert not trainer.optimizers[2].state  # the pre-fit's Adam moments are freed when it ends
+    assert trainer.callback_metrics["disc/prefit_nll"] > 0
+
+
 @pytest.mark.slow
-def test_warmup_trains_only_the_discriminator_and_resume_restores_q_b_and_the_warmup(tmp_path, monkeypatch):
+@pytest.mark.parametrize("prefit", [0, 1])
+def test_warmup_trains_only_the_discriminator_and_resume_restores_q_b_and_the_warmup(tmp_path, monkeypatch, prefit):
     monkeypatch.chdir(tmp_path)
     extra = ["--model.init_args.discriminator_training.form", "log_ratio",
-             "--model.init_args.discriminator_training.warmup_steps", "3",
+             "--model.init_args.discriminator_training.prefit_steps", str(prefit),
+             "--model.init_args.discriminator_training.warmup_steps", str(3 - prefit),
              "--model.init_args.discriminator_training.steps", "2", "--model.init_args.evaluation.enabled", "false",
              "--model.init_args.export", "false"]
     first = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY, *extra])
@@ -168,6 +205,7 @@ def test_fit_exports_q_with_its_bias_and_logs_fidelity(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY,
                      "--model.init_args.discriminator_training.form", "log_ratio",
+                     "--model.init_args.discriminator_training.prefit_steps", "0",
                      "--model.init_args.discriminator_training.warmup_steps", "1"])
     logged = set(cli.trainer.callback_metrics)
     for name in ("disc/bce_heldout", "disc/bce_bayes", "disc/bayes_gap_closed", "disc/bias", "eval/reverse_kl"):
@@ -196,6 +234,8 @@ def test_bad_combinations_are_refused(tiny_spec):
         DiscriminatorTraining(form="ratio")
     with pytest.raises(ValueError, match="warmup_steps"):
         DiscriminatorTraining(form="log_ratio", warmup_steps=-1)
+    disc = DiscriminatorTraining(form="classifier", prefit_steps=10)  # no LM head to pre-fit
+    assert disc.prefit_steps == 0
     with pytest.raises(ValueError, match="divergence must be one of"):
         Adversarial(policy=tiny_spec, divergence="kl")
     with pytest.raises(ValueError, match="num_samples must be >= 2"):

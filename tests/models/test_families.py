@@ -460,6 +460,7 @@ def test_the_shipped_configs_run_a_folder_of_a_family_without_sdpa_and_take_an_e
              "--data.init_args.batch_size", "4", "--model.init_args.evaluation.num_prompts", "2"]
     cli = build_cli(["fit", "--config", os.path.join(REPO, "configs", "airl.yaml"), *small,
                      "--model.init_args.policy.model_name_or_path", gemma2,
+                     "--model.init_args.discriminator_training.prefit_steps", "0",
                      "--model.init_args.discriminator_training.warmup_steps", "1"])
     assert cli.trainer.global_step == 2
     assert attention_implementation(cli.model.policy) == "eager"

@@ -33,12 +33,12 @@ TINY_LLAMA = {
 
 
 class Record(L.Callback):
-    def __init__(self, key: str) -> None:
-        self.key = key
+    def __init__(self, key: str, before: str = "") -> None:
+        self.key, self.before = key, before  # ``before``: the metric of batches that do not log ``key``
         self.losses = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        value = trainer.callback_metrics.get(self.key)
+        value = trainer.callback_metrics.get(self.key, trainer.callback_metrics.get(self.before))
         self.losses.append(float(value) if value is not None else float("nan"))
 
 
@@ -113,6 +113,7 @@ def main(argv=None) -> None:
     parser.add_argument("--r1-gamma", type=float, default=0.0, help="adversarial: R1 penalty weight")
     parser.add_argument("--disc-form", default="classifier", choices=["classifier", "log_ratio"],
                         help="adversarial: discriminator form (log_ratio: q = a copy of the policy, 1 warm-up step)")
+    parser.add_argument("--prefit", type=int, default=0, help="log_ratio: pre-fit batches of q (before the warm-up)")
     parser.add_argument("--export", default=None, help="export folder (fit's HF export)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -140,7 +141,8 @@ def main(argv=None) -> None:
         network = ModelSpec(config=dict(TINY_LLAMA), tokenizer="task:modes", seed=1)
         disc = DiscriminatorTraining(r1_gamma=args.r1_gamma)
         if args.disc_form == "log_ratio":
-            network, disc = None, DiscriminatorTraining(form="log_ratio", warmup_steps=1, mle_weight=1.0)
+            network, disc = None, DiscriminatorTraining(form="log_ratio", prefit_steps=args.prefit, warmup_steps=1,
+                                                        mle_weight=1.0)
         module = Adversarial(policy=spec, discriminator=network, discriminator_training=disc,
                              sampling=SamplingConfig(max_new_tokens=6, num_samples=2), **common)
         key = "disc/loss"
@@ -156,7 +158,7 @@ def main(argv=None) -> None:
         strategy = DDPStrategy(find_unused_parameters=args.algorithm != "sft")
     else:
         strategy = "auto"
-    record = Record(key)
+    record = Record(key, before="disc/prefit_nll")
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=args.devices, precision=args.precision,
                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

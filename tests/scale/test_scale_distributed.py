@@ -76,16 +76,18 @@ def test_fsdp2_adversarial_steps(tmp_path):
     assert all(torch.isfinite(torch.tensor(run["losses"])))
 
 
-def test_fsdp2_log_ratio_discriminator_warms_up_trains_and_exports(tmp_path):
-    """The log-ratio discriminator (q, a, b) sharded like the rest: a warm-up step, a policy step,
-    and the export of q with its calibration gathered from the shards."""
+def test_fsdp2_log_ratio_discriminator_prefits_warms_up_trains_and_exports(tmp_path):
+    """The log-ratio discriminator (q, a, b) sharded like the rest: a pre-fit step of q (its own
+    optimizer), a warm-up step, a policy step, and the export of q with its calibration gathered
+    from the shards."""
     import json
 
     from transformers import AutoModelForCausalLM
 
-    run = run_worker(tmp_path, "adv_lr", "--algorithm", "adversarial", "--disc-form", "log_ratio", "--strategy",
-                     "fsdp2", "--devices", 2, "--batch-size", 2, "--steps", 2, "--export", tmp_path / "export")
-    assert run["param_types"] == ["DTensor"] and run["global_step"] == 2
+    run = run_worker(tmp_path, "adv_lr", "--algorithm", "adversarial", "--disc-form", "log_ratio", "--prefit", 1,
+                     "--strategy", "fsdp2", "--devices", 2, "--batch-size", 2, "--steps", 3,
+                     "--export", tmp_path / "export")
+    assert run["param_types"] == ["DTensor"] and run["global_step"] == 3
     assert all(torch.isfinite(torch.tensor(run["losses"])))
     folder = tmp_path / "export_discriminator"
     described = json.loads((folder / "log_ratio_discriminator.json").read_text())
