@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import lightning as L
 import torch
-from transformers import get_scheduler
 
 from lightning_irl.algorithms.engine import Engine, OnNonFinite, attached_trainer
 from lightning_irl.compat import logs_this_step
@@ -89,6 +88,10 @@ def build_optimizer(params_module: torch.nn.Module, spec: OptimizerSpec, total_s
         fused = spec.fused
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, betas=tuple(spec.betas),
                                   eps=spec.eps, fused=fused or None)
+    # imported here: transformers.optimization pulls in transformers.trainer_utils, ~1.8 s of the
+    # CLI's start-up that --help, validate, test and predict never need
+    from transformers import get_scheduler
+
     scheduler = get_scheduler(spec.schedule, optimizer, num_warmup_steps=spec.warmup_steps,
                               num_training_steps=max(total_steps, 1))
     return optimizer, {"scheduler": scheduler, "interval": "step"}
