@@ -187,16 +187,22 @@ def test_reward_does_not_depend_on_batch_composition_or_padding_side_with_pad_eq
     assert best_of_n_indices(torch.tensor([0.1, 0.5, float("nan"), -1.0, 2.0, 2.0]), 3).tolist() == [1, 4]
 
 
-@pytest.mark.slow
-def test_cli_fits_the_reward_model_config_then_best_of_n_predicts(tmp_path):
-    # Stand-in for the quickstart's SFT export: a small policy folder with its tokenizer.
-    sft = tmp_path / "checkpoints/quickstart/version_0/export"
+def save_stand_in_sft(root):
+    """A stand-in for the quickstart's SFT export under ``root`` (the path the reward-model configs
+    name): a small policy folder with its tokenizer. Returns the folder."""
+    sft = root / "checkpoints/quickstart/version_0/export"
     spec = ModelSpec(config={**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
                              "num_key_value_heads": 4, "max_position_embeddings": 32},
                      tokenizer="task:modes", seed=3)
     tokenizer = spec.load_tokenizer()
     spec.build_causal_lm(tokenizer).save_pretrained(sft)
     tokenizer.save_pretrained(sft)
+    return sft
+
+
+@pytest.mark.slow
+def test_cli_fits_the_reward_model_config_then_best_of_n_predicts(tmp_path):
+    save_stand_in_sft(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     small = ["--data.init_args.num_train", "64", "--data.init_args.num_val", "16", "--data.init_args.batch_size", "8"]
 

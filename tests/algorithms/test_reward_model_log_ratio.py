@@ -10,7 +10,6 @@ import sys
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lightning_irl.algorithms import BestOfN, RewardModel
@@ -23,7 +22,8 @@ from lightning_irl.data.collate import DemonstrationCollator
 from lightning_irl.models.discriminator import LOG_RATIO_FILE, LogRatioReward
 from lightning_irl.models.spec import ModelSpec
 from lightning_irl.rollout import SamplingConfig
-from tests.algorithms.test_reward_model import _pad_eos, _trainer
+from tests.algorithms.test_log_ratio_discriminator import _by_hand
+from tests.algorithms.test_reward_model import _pad_eos, _trainer, save_stand_in_sft
 from tests.conftest import TINY_LLAMA
 from tests.reliability.test_resume import assert_bitwise_equal, final_state
 
@@ -35,19 +35,6 @@ RESPONSES = ["c a f b", "d a b", "a c e g h"]
 
 def _spec(seed):
     return ModelSpec(config=dict(TINY_LLAMA), tokenizer="task:modes", seed=seed)
-
-
-def _teacher_forced(model, ids, attention, scored):
-    """Σ over the ``scored`` tokens of log softmax(model(unpadded row))[token], one row at a time,
-    with the model's default positions: the independent computation."""
-    out = []
-    for row, att, mask in zip(ids, attention, scored):
-        keep = att.bool()
-        tokens, counted = row[keep], mask[keep].bool()
-        logits = model(input_ids=tokens[None]).logits[0].float()
-        logps = F.log_softmax(logits[:-1], -1).gather(1, tokens[1:, None])[:, 0]
-        out.append(logps[counted[1:]].sum())
-    return torch.stack(out)
 
 
 def _left_padded(encoded, pad_id):
@@ -72,8 +59,8 @@ def test_log_ratio_reward_is_a_times_log_q_minus_log_p_neg_plus_b_over_response_
 
     with torch.no_grad():
         # init_sft: q is a copy of π_SFT, so h starts exactly at log π_SFT − log π_init
-        exact = (_teacher_forced(sft, right["input_ids"], right["attention_mask"], right["loss_mask"])
-                 - _teacher_forced(init, right["input_ids"], right["attention_mask"], right["loss_mask"]))
+        exact = (_by_hand(sft, right["input_ids"], right["attention_mask"], right["loss_mask"])
+                 - _by_hand(init, right["input_ids"], right["attention_mask"], right["loss_mask"]))
         assert exact.abs().max() > 0.1  # two different random policies
         for rows in (right, left):
             torch.testing.assert_close(reward(rows), exact, rtol=1e-5, atol=1e-5)
@@ -85,10 +72,10 @@ def test_log_ratio_reward_is_a_times_log_q_minus_log_p_neg_plus_b_over_response_
         module.reward_model.scale.fill_(1.7)
         module.reward_model.bias.fill_(-0.3)
         ids, attention = right["input_ids"], right["attention_mask"]
-        expected = 1.7 * (_teacher_forced(q, ids, attention, right["loss_mask"])
-                          - _teacher_forced(init, ids, attention, right["loss_mask"])) - 0.3
-        with_prompt = 1.7 * (_teacher_forced(q, ids, attention, everything)
-                             - _teacher_forced(init, ids, attention, everything)) - 0.3
+        expected = 1.7 * (_by_hand(q, ids, attention, right["loss_mask"])
+                          - _by_hand(init, ids, attention, right["loss_mask"])) - 0.3
+        with_prompt = 1.7 * (_by_hand(q, ids, attention, everything)
+                             - _by_hand(init, ids, attention, everything)) - 0.3
         assert (expected - with_prompt).abs().max() > 1e-2  # the prompt tokens would change it
         assert (expected - exact).abs().max() > 1e-2  # q moved
         for rows in (right, left):
@@ -224,13 +211,7 @@ def test_shipped_log_ratio_config_on_one_and_two_processes_alike_then_best_of_n_
     """configs/reward_model_log_ratio.yaml through the console script, 3 steps, greedy sampling and
     file-order batches (so both runs see the same rows): 2 gloo processes × 4 rows end with the q,
     a and b of 1 process × 8 rows. Then configs/best_of_n.yaml scores with the exported folder."""
-    sft = tmp_path / "checkpoints/quickstart/version_0/export"  # stand-in for the quickstart's SFT export
-    spec = ModelSpec(config={**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                             "num_key_value_heads": 4, "max_position_embeddings": 32},
-                     tokenizer="task:modes", seed=3)
-    tokenizer = spec.load_tokenizer()
-    spec.build_causal_lm(tokenizer).save_pretrained(sft)
-    tokenizer.save_pretrained(sft)
+    sft = save_stand_in_sft(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
 
