@@ -1,9 +1,10 @@
 """The divergence lab: mass-covering SFT vs mode-seeking AIRL / GAIL on a task with a known expert.
 
-    HF_HUB_OFFLINE=1 python benchmarks/divergence_lab.py --task modes      # 3 seeds, 2 cores: 8.5 min
-    python benchmarks/divergence_lab.py --task grammar --json grammar.json  # 3 seeds, 2 cores: 17.2 min
+    HF_HUB_OFFLINE=1 python benchmarks/divergence_lab.py --task modes      # 3 seeds, 2 cores: 11 min
+    python benchmarks/divergence_lab.py --task grammar --json grammar.json  # 3 seeds: 17 min (previous recipe)
     python benchmarks/divergence_lab.py --task modes --task-args '{"weights": [0.2, 0.5, 0.3]}'
-    python benchmarks/divergence_lab.py --quick --task grammar              # 1 seed, 4 methods: 6.4 min
+    python benchmarks/divergence_lab.py --quick --task grammar              # 1 seed, 5 methods: 15 min (loaded)
+    python benchmarks/divergence_lab.py --task modes --hidden 16 --methods SFT SFT-long AIRL-LR AIRL*  # capacity-limited
 
 For every seed:
 
@@ -20,9 +21,12 @@ For every seed:
      discriminator (a fresh score head on the SFT start's backbone, ``--disc-init scratch`` for a
      fresh network; ``--disc-lr``, ``--disc-steps``);
    - ``AIRL-LR`` / ``GAIL-LR``: the same with the ``log_ratio`` discriminator
-     ``h = a·(log q − log π) + b``, ``q`` a copy of the SFT start: ``--disc-warmup`` discriminator-
-     only batches first (``q`` by maximum likelihood, ``a``, ``b`` by BCE), then ``--lr-disc-steps``
-     discriminator steps per batch at ``--lr-disc-lr`` with ``--disc-mle-weight`` × the NLL term;
+     ``h = a·(log q − log π) + b``, ``q`` a copy of the SFT start: ``--disc-prefit`` batches fit
+     ``q`` by maximum likelihood alone (``--disc-prefit-lr``, cosine), then ``--disc-warmup``
+     discriminator-only batches (``--disc-warmup-fit``), then ``--lr-disc-steps`` discriminator
+     steps per batch at ``--lr-disc-lr`` with ``--disc-mle-weight`` × the NLL term;
+   - ``SFT-long``: SFT for as many demonstration batches as a log-ratio run consumes (pre-fit +
+     warm-up + ``--steps``): the compute control;
    - ``AIRL*`` / ``GAIL*``: the same RL (reward table, clip, KL, RLOO), but the logit is its exact
      optimum ``h* = log p_E − log π_θ``: what the *divergence* does with a perfect discriminator.
 
