@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from lightning_irl.models.scoring import reduced_precision, response_token_logprobs, shared_prompt_cache
+from lightning_irl.models.scoring import distributed, reduced_precision, response_token_logprobs, shared_prompt_cache
 from lightning_irl.objectives.logprobs import gather_token_logprobs, sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -163,10 +163,6 @@ class Rollout:
         return int(self.loss_mask.sum())
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """1 up to and including the first EOS, 0 after it (generate pads finished rows)."""
     is_eos = response_ids == eos_token_id
@@ -249,7 +245,7 @@ def _check_generate_logprobs(model, rollout: Rollout, step_logits: Optional[torc
         return rollout  # nothing generated: decide on a later rollout
     from_generate = _generate_logprobs(rollout, step_logits)
     delta = ((from_generate - rollout.logprobs).abs() * mask).amax().float()
-    if _distributed():
+    if distributed():
         dist.all_reduce(delta, op=dist.ReduceOp.MAX)
     delta = float(delta)
     tolerance = AUTO_TOLERANCE[reduced]
@@ -289,7 +285,7 @@ def generate_kwargs(tokenizer, config: SamplingConfig, synced_gpus: Optional[boo
         num_beams=1,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        synced_gpus=_distributed() if synced_gpus is None else synced_gpus,
+        synced_gpus=distributed() if synced_gpus is None else synced_gpus,
         use_cache=True,
         # neutralise distribution-shaping defaults a Hub generation_config may carry
         repetition_penalty=1.0,

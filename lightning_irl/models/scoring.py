@@ -70,7 +70,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lightning_irl.objectives.logprobs import gather_token_logprobs, position_ids_from_mask, token_logprobs
+from lightning_irl.objectives.logprobs import base_model, gather_token_logprobs, position_ids_from_mask, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ def run_buckets(buckets: List[Bucket], width: int,
 
 
 def distributed() -> bool:
+    """Whether torch.distributed runs several processes (their forward passes may be collective)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -196,10 +197,6 @@ _PREFIX_VERIFIED: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[bool, bool]]"
 PrefixPlan = Tuple[torch.Tensor, torch.Tensor]
 
 
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def shared_prefix_plan(input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        start: Optional[int]) -> Optional[PrefixPlan]:
     """Whether to run the first ``start`` columns once per distinct prefix (module docstring):
@@ -214,7 +211,7 @@ def shared_prefix_plan(input_ids: torch.Tensor, attention_mask: torch.Tensor,
         return None
     shared_cells = (distinct * start + rows * (width - start)) * (1 + BUCKET_PENALTY)
     buckets = length_buckets(attention_mask)
-    bucket_cells = sum((len(range(rows)) if isinstance(r, slice) else r.numel()) * (e - a) for r, a, e in buckets)
+    bucket_cells = sum(len(bucket_rows(r, rows)) * (e - a) for r, a, e in buckets)
     if shared_cells >= bucket_cells * (1 + BUCKET_PENALTY * (len(buckets) - 1)):
         return None
     first = torch.full((distinct,), rows, dtype=torch.long, device=input_ids.device)
@@ -229,7 +226,7 @@ def _prefix_cache_calls(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     from transformers import DynamicCache
 
     first, inverse = plan
-    cache = DynamicCache(config=_base_model(model).config)
+    cache = DynamicCache(config=base_model(model).config)
     prefix_mask = attention_mask[first, :start]
     with attention_kernel(input_ids.size(1), input_ids.device):
         head = model(input_ids=input_ids[first, :start], attention_mask=prefix_mask,
@@ -271,7 +268,7 @@ def _use_shared_prefix(model, input_ids, attention_mask, start, plain: Callable[
     """``shared(plan)`` when the rows share prefixes enough (or ``plan`` is given) and the model
     passed (or now passes) the one-time check against ``plain()``; else None (the caller runs
     the plain path)."""
-    base = _base_model(model)
+    base = base_model(model)
     if getattr(base, "is_gradient_checkpointing", False):
         return None
     plan = shared_prefix_plan(input_ids, attention_mask, start) if plan is None else plan
@@ -314,7 +311,7 @@ def shared_prompt_cache(model: torch.nn.Module, prompt_input_ids: torch.Tensor, 
     from transformers import DynamicCache
 
     width = prompt_input_ids.size(1)
-    base = _base_model(model)
+    base = base_model(model)
     if repeats < 2 or width < 2 or distributed():
         return None
     if getattr(getattr(base, "generation_config", None), "cache_implementation", None) not in (None, "dynamic"):
@@ -416,7 +413,7 @@ _ACCEPTS_LOGITS_TO_KEEP: Dict[type, bool] = {}
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether ``model``'s forward (a PEFT wrapper's base model's) takes ``logits_to_keep``."""
-    base = _base_model(model)
+    base = base_model(model)
     kind = type(base)
     if kind not in _ACCEPTS_LOGITS_TO_KEEP:
         try:

@@ -76,11 +76,15 @@ def token_logprobs(
     return gather_token_logprobs(logits, input_ids[:, 1:])
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A PEFT wrapper's base model (the transformers model with the adapters in it), else ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def output_head(model: torch.nn.Module) -> Optional[torch.nn.Module]:
     """The module that projects the final hidden states onto the vocabulary (a PEFT model's
     base model's), or None for a model that does not declare one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    declared = getattr(base, "get_output_embeddings", None)
+    declared = getattr(base_model(model), "get_output_embeddings", None)
     return declared() if callable(declared) else None
 
 
