@@ -182,4 +182,12 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:
+        # as lightning_irl.cli.main does: exiting with gloo's threads still up aborts now and then
+        # ("terminate called without an active exception", status -6), seen in CI after an FSDP2 run
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
