@@ -75,6 +75,17 @@ def _is_fsdp2(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def _model_children(root: torch.nn.Module):
+    """``root``'s children, with containers (a ``ModuleDict`` of sampling policies, a
+    ``ModuleList``) opened up: ``fully_shard`` needs a module with a ``forward`` of its own."""
+    for name, child in root.named_children():
+        if isinstance(child, (torch.nn.ModuleDict, torch.nn.ModuleList)):
+            for sub_name, sub in _model_children(child):
+                yield f"{name}.{sub_name}", sub
+        else:
+            yield name, child
+
+
 def shard_for_fsdp2(
     root: torch.nn.Module,
     mesh,
@@ -97,7 +108,7 @@ def shard_for_fsdp2(
     if offload_policy is not None:
         kwargs["offload_policy"] = offload_policy
     units: List[str] = []
-    for child_name, child in root.named_children():
+    for child_name, child in _model_children(root):
         if _is_fsdp2(child) or next(child.parameters(), None) is None:
             continue
         names = block_class_names(child)
@@ -185,7 +196,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         check_sharded(module)
         if units:
             log.info("FSDP2: sharded %d unit(s) over %d rank(s): %s", len(units), self.world_size,
-                     ", ".join(u for u in units if "." not in u))
+                     ", ".join(u for u in units if not any(u.startswith(v + ".") for v in units)))
         super().setup(trainer)
 
 

@@ -207,10 +207,11 @@ def test_log_ratio_resumes_q_a_b_and_their_optimizer_bitwise(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_shipped_log_ratio_config_on_one_and_two_processes_alike_then_best_of_n_reads_its_export(tmp_path):
+def test_shipped_log_ratio_config_on_one_process_ddp_and_fsdp2_alike_then_best_of_n_reads_its_export(tmp_path):
     """configs/reward_model_log_ratio.yaml through the console script, 3 steps, greedy sampling and
-    file-order batches (so both runs see the same rows): 2 gloo processes × 4 rows end with the q,
-    a and b of 1 process × 8 rows. Then configs/best_of_n.yaml scores with the exported folder."""
+    file-order batches (so every run sees the same rows): 2 gloo processes × 4 rows, under DDP and
+    under FSDP2, end with the q, a and b of 1 process × 8 rows. Then configs/best_of_n.yaml scores
+    with the exported folder."""
     sft = save_stand_in_sft(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
@@ -229,15 +230,21 @@ def test_shipped_log_ratio_config_on_one_and_two_processes_alike_then_best_of_n_
     run(["fit", "--config", config, "--config", os.path.join(REPO, "configs/strategies/ddp.yaml"), *common,
          "--trainer.devices", "2", "--data.init_args.batch_size", "4", "--model.init_args.export_dir",
          str(tmp_path / "two")])
-    one, two = load_file(tmp_path / "one/model.safetensors"), load_file(tmp_path / "two/model.safetensors")
+    # FSDP2: q and the sampling policies (a ModuleDict) sharded over the 2 ranks
+    run(["fit", "--config", config, "--config", os.path.join(REPO, "configs/strategies/fsdp2.yaml"), *common,
+         "--data.init_args.batch_size", "4", "--model.init_args.export_dir", str(tmp_path / "sharded")])
+    one = load_file(tmp_path / "one/model.safetensors")
     start = load_file(sft / "model.safetensors")
     assert any(not torch.equal(one[name], start[name]) for name in start)  # q trained
-    for name, value in one.items():
-        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-4, msg=name)
-    info_one, info_two = (json.loads((tmp_path / f"{k}/{LOG_RATIO_FILE}").read_text()) for k in ("one", "two"))
+    info_one = json.loads((tmp_path / f"one/{LOG_RATIO_FILE}").read_text())
     assert info_one["bias"] != 0.0
-    for key in ("scale", "bias"):
-        assert info_two[key] == pytest.approx(info_one[key], abs=1e-4)
+    for other in ("two", "sharded"):
+        weights = load_file(tmp_path / f"{other}/model.safetensors")
+        for name, value in one.items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-4, msg=f"{other}: {name}")
+        info = json.loads((tmp_path / f"{other}/{LOG_RATIO_FILE}").read_text())
+        for key in ("scale", "bias"):
+            assert info[key] == pytest.approx(info_one[key], abs=1e-4), (other, key)
 
     out = tmp_path / "best.jsonl"
     run(["predict", "--config", os.path.join(REPO, "configs/best_of_n.yaml"), "--predictions.output_path", str(out),
