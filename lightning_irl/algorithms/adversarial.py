@@ -352,7 +352,7 @@ class Adversarial(PolicyModule):
         self.update = update
         self.reference: Optional[torch.nn.Module] = None
         self.discriminator: Optional[torch.nn.Module] = None
-        self.fidelity: Optional[DiscriminatorFidelity] = None  # built at the first evaluation on a known task
+        self.fidelity: Optional[DiscriminatorFidelity] = None  # built at the first sampling evaluation
 
     # ---- building ----------------------------------------------------------------------
     supports_fsdp1 = False  # measured on one GPU: stalls under FSDP1 (see strategies.py); FSDP2 is tested
@@ -702,7 +702,7 @@ class Adversarial(PolicyModule):
     # ---- validation: the discriminator's fidelity against the exact log-ratio --------------
     def _sample_eval_start(self) -> None:
         super()._sample_eval_start()
-        if self._eval_active and self.evaluator.task is not None:
+        if self._eval_active:
             if self.fidelity is None:
                 self.fidelity = DiscriminatorFidelity()
             self.fidelity.to(self.device).reset()
@@ -719,12 +719,19 @@ class Adversarial(PolicyModule):
     def _sample_eval_step(self, batch: Dict[str, Any], logps: torch.Tensor, batch_idx: int):
         """Also grades the discriminator on this held-out batch and the evaluation's fresh samples
         (``disc/bce_heldout``, ``disc/bce_bayes``, ``disc/bayes_gap_closed``, ``disc/corr_exact``,
-        ``disc/auroc_invalid``; ``metrics/discriminator.py``)."""
+        ``disc/auroc_invalid``; ``metrics/discriminator.py``). On data without a known expert only
+        ``disc/bce_heldout`` exists (its exact answers are NaN): set against the training
+        ``disc/loss`` it shows a discriminator that over-fits the demonstrations."""
         sampled = super()._sample_eval_step(batch, logps, batch_idx)
-        if not self._eval_active or self.evaluator.task is None:
+        if not self._eval_active:
             return sampled
-        expert_exact = self.evaluator.demonstration_log_ratios(batch, logps, self.tokenizer.eos_token_id)
-        keep = torch.isfinite(expert_exact)
+        known = self.evaluator.task is not None
+        if known:
+            expert_exact = self.evaluator.demonstration_log_ratios(batch, logps, self.tokenizer.eos_token_id)
+            keep = torch.isfinite(expert_exact)
+        else:
+            expert_exact = torch.full((len(batch["prompt"]),), float("nan"))
+            keep = torch.ones_like(expert_exact, dtype=torch.bool)
         expert_rows = {k: v[keep.to(v.device)] for k, v in sequence_rows(batch).items()}
         expert_h = self._sequence_disc_logits(expert_rows) if int(keep.sum()) else torch.zeros(0)
         policy_h = policy_exact = torch.zeros(0)
@@ -733,12 +740,13 @@ class Adversarial(PolicyModule):
             policy_rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
                            "loss_mask": rollout.loss_mask, "policy_logps": rollout.logprobs}
             policy_h = self._sequence_disc_logits(policy_rows)
-            policy_exact = self.evaluator.rollout_log_ratios(prompts["prompt"], rollout, self.tokenizer)
+            policy_exact = (self.evaluator.rollout_log_ratios(prompts["prompt"], rollout, self.tokenizer) if known
+                            else torch.full((rollout.input_ids.size(0),), float("nan")))
         self.fidelity.update(expert_h, expert_exact[keep], policy_h, policy_exact)
         return sampled
 
     def _sample_eval_end(self) -> None:
-        if self._eval_active and self.fidelity is not None and self.evaluator.task is not None:
+        if self._eval_active and self.fidelity is not None:
             for name, value in self.fidelity.compute().items():  # already gathered over ranks
                 if torch.isfinite(value):
                     self.log(f"disc/{name}", value.float(), sync_dist=False)

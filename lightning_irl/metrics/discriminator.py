@@ -19,6 +19,8 @@ fresh policy samples (label 0):
 - ``auroc_invalid``: AUROC of ``h`` for telling valid policy samples (label 1) from invalid ones:
   does it at least push down what the expert never says? (torchmetrics ``binary_auroc``.)
 
+On data without a known expert the exact log-ratios are NaN: only ``bce_heldout`` is defined.
+
 The states are concatenated across ranks (``dist_reduce_fx="cat"``), so DDP gives the values of
 one process that saw every sample.
 """

@@ -222,6 +222,27 @@ def test_fit_exports_q_with_its_bias_and_logs_fidelity(tmp_path, monkeypatch):
         torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)
 
 
+def test_on_data_without_a_known_expert_validation_logs_the_heldout_bce_only(tmp_path, monkeypatch):
+    """A user's demonstration file: no exact answer exists, but the discriminator's BCE on held-out
+    demonstrations vs fresh samples does (set against the training loss, it shows over-fitting)."""
+    from lightning_irl.data.tasks import get_task
+
+    monkeypatch.chdir(tmp_path)
+    for name, seed in (("train", 0), ("val", 1)):
+        with open(tmp_path / f"{name}.jsonl", "w") as handle:
+            for record in get_task("modes").records(16 if name == "train" else 8, seed=seed):
+                handle.write(json.dumps(record) + "\n")
+    cli = build_cli(["fit", "--config", AIRL, "--trainer.max_steps", "2", *TINY[:2], "--trainer.enable_progress_bar",
+                     "false", "--data.init_args.task", "null", "--data.init_args.train_file", "train.jsonl",
+                     "--data.init_args.val_file", "val.jsonl", "--data.init_args.batch_size", "4",
+                     "--model.init_args.evaluation.num_prompts", "4",
+                     "--model.init_args.discriminator_training.prefit_steps", "0",
+                     "--model.init_args.discriminator_training.warmup_steps", "1"])
+    logged = cli.trainer.callback_metrics
+    assert 0.0 < float(logged["disc/bce_heldout"]) < 10.0
+    assert not {"disc/bce_bayes", "disc/bayes_gap_closed", "disc/corr_exact", "disc/auroc_invalid"} & set(logged)
+
+
 def test_bad_combinations_are_refused(tiny_spec):
     with pytest.raises(ValueError, match="r1_gamma"):
         DiscriminatorTraining(form="log_ratio", r1_gamma=1.0)

@@ -51,6 +51,17 @@ def test_fidelity_equals_its_definitions_on_a_toy():
     assert float(out["auroc_invalid"]) == pytest.approx(_auroc(policy_h, valid), abs=1e-6)
 
 
+def test_without_exact_answers_only_the_heldout_bce_is_defined():
+    _, _, expert_h, policy_h = _toy(3)
+    nan = float("nan")
+    out = fidelity(torch.tensor(expert_h), torch.full((len(expert_h),), nan), torch.tensor(policy_h),
+                   torch.full((len(policy_h),), nan))
+    bce = sum(_softplus(-h) for h in expert_h) / len(expert_h) + sum(_softplus(h) for h in policy_h) / len(policy_h)
+    assert float(out["bce_heldout"]) == pytest.approx(bce, rel=1e-5)
+    assert all(math.isnan(float(out[name])) for name in ("bce_bayes", "bayes_gap_closed", "corr_exact",
+                                                         "auroc_invalid"))
+
+
 def test_chance_and_the_exact_logit_are_the_two_ends_of_the_gap():
     expert_exact, policy_exact, _, _ = _toy(1)
     exact = [torch.tensor(v) for v in (expert_exact, expert_exact, policy_exact, policy_exact)]
