@@ -1,18 +1,20 @@
 """The divergence lab: mass-covering SFT vs mode-seeking AIRL / GAIL on a task with a known expert.
 
-    HF_HUB_OFFLINE=1 python benchmarks/divergence_lab.py --task modes      # 3 seeds, 2 cores: 11 min
-    python benchmarks/divergence_lab.py --task grammar --json grammar.json  # 3 seeds: 17 min (previous recipe)
+    HF_HUB_OFFLINE=1 python benchmarks/divergence_lab.py --task modes      # 3 seeds, 2 cores: ~10 min
+    python benchmarks/divergence_lab.py --task grammar --json grammar.json  # 3 seeds: 16 min
     python benchmarks/divergence_lab.py --task modes --task-args '{"weights": [0.2, 0.5, 0.3]}'
-    python benchmarks/divergence_lab.py --quick --task grammar              # 1 seed, 5 methods: 15 min (loaded)
-    python benchmarks/divergence_lab.py --task modes --hidden 16 --methods SFT SFT-long AIRL-LR AIRL*  # capacity-limited
+    python benchmarks/divergence_lab.py --quick --task grammar              # 1 seed, 5 methods
+    python benchmarks/divergence_lab.py --task modes --num-train 4000       # few demonstrations: q over-fits
+    python benchmarks/divergence_lab.py --task modes --hidden 16 --num-train 4000  # capacity-limited policy
 
 For every seed:
 
 1. **SFT start.** A small Llama (``--hidden``/``--layers``: deliberately capacity-limited) is
    trained by SFT on demonstrations of the built-in task (``--task modes``: copy / reverse / sort a
    string of letters, weights 0.6 / 0.3 / 0.1; ``--task grammar``: three phrasing families of
-   instruction answers; ``--task-args`` sets the task's options) for ``--start-steps`` steps and
-   saved as a Hugging Face folder. At that point it still puts mass on invalid answers.
+   instruction answers; ``--task-args`` sets the task's options; ``--num-train`` demonstrations,
+   16,000 by default: with 4,000 the log-ratio discriminator over-fits them, README) for
+   ``--start-steps`` steps and saved as a Hugging Face folder. At that point it still puts mass on invalid answers.
 2. **Same number of policy updates** (``--steps`` batches of ``--batch-size``) from that folder,
    with the algorithms' real ``LightningModule``s under a ``lightning.Trainer``:
 
@@ -91,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="seeds run in parallel processes (1 thread each)")
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--num-train", type=int, default=4000)
+    p.add_argument("--num-train", type=int, default=16000,
+                   help="demonstrations per seed (every method trains on the same ones)")
     p.add_argument("--start-steps", type=int, default=None, help="SFT steps of the shared start (task default)")
     p.add_argument("--steps", type=int, default=200, help="policy updates per method after the start")
     p.add_argument("--batch-size", type=int, default=32)
