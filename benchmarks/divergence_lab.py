@@ -14,7 +14,8 @@ For every seed:
    string of letters, weights 0.6 / 0.3 / 0.1; ``--task grammar``: three phrasing families of
    instruction answers; ``--task-args`` sets the task's options; ``--num-train`` demonstrations,
    16,000 by default: with 4,000 the log-ratio discriminator over-fits them, README) for
-   ``--start-steps`` steps and saved as a Hugging Face folder. At that point it still puts mass on invalid answers.
+   ``--start-steps`` steps and saved as a Hugging Face folder. At that point it still puts mass
+   on invalid answers.
 2. **Same number of policy updates** (``--steps`` batches of ``--batch-size``) from that folder,
    with the algorithms' real ``LightningModule``s under a ``lightning.Trainer``:
 

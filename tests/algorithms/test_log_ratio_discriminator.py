@@ -2,6 +2,7 @@
 its start at ``b``, the token/sequence reward identity, its warm-up, resume and export."""
 
 import json
+import math
 import os
 
 import lightning as L
@@ -239,7 +240,9 @@ def test_on_data_without_a_known_expert_validation_logs_the_heldout_bce_only(tmp
                      "--model.init_args.discriminator_training.prefit_steps", "0",
                      "--model.init_args.discriminator_training.warmup_steps", "1"])
     logged = cli.trainer.callback_metrics
-    assert 0.0 < float(logged["disc/bce_heldout"]) < 10.0
+    # below chance (log 4, where h = b = 0 starts): the samples of this untrained policy are easy
+    # to tell from the demonstrations (1.23 here)
+    assert 0.0 < float(logged["disc/bce_heldout"]) < math.log(4.0) - 0.05
     assert not {"disc/bce_bayes", "disc/bayes_gap_closed", "disc/corr_exact", "disc/auroc_invalid"} & set(logged)
 
 
